@@ -1,0 +1,7 @@
+"""The pooling zoo: every method the paper compares, behind one registry."""
+from .base import Pool, to_tokens
+from .registry import create_pool, is_pool, list_pools, register_pool
+
+# Importing a family module registers its pools.
+from .avgmax import AvgMaxPool, AvgPool, CatAvgMaxPool, MaxPool
+from .simpool import SimPool

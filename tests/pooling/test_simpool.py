@@ -1,0 +1,202 @@
+"""SimPool against the official formula, timm's SimPool, and the contract of DESIGN.md."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from timm.layers import SimPool1d, SimPool2d
+from torch import nn
+
+from simpool_lightning.pooling import SimPool, create_pool
+from tests.reference.official_simpool import OfficialSimPool
+
+DIM = 32
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> None:
+    """Non-trivial LayerNorm affine and beta, so that every parameter matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("norm_patches") or name == "beta":
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _pair(num_heads: int = 1, gamma=None, use_beta: bool = False, qkv_bias: bool = False, **kw):
+    torch.manual_seed(0)
+    ref = OfficialSimPool(DIM, num_heads, qkv_bias=qkv_bias, gamma=gamma, use_beta=use_beta)
+    _randomise(ref)
+    ours = SimPool(DIM, num_heads, qkv_bias=qkv_bias, gamma=gamma, use_beta=use_beta, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _features(layout: str, batch: int = 4, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, DIM, 3, 5) if layout == "maps" else (batch, 15, DIM)
+    return torch.randn(shape, generator=gen) * 2 + 0.5
+
+
+def _grads(module: nn.Module, x: torch.Tensor, out_weight: torch.Tensor, attn_weight: torch.Tensor, attn_of):
+    x = x.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    pooled, attn = attn_of(module, x)
+    ((pooled * out_weight).sum() + (attn.reshape(attn_weight.shape) * attn_weight).sum()).backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()}
+    return pooled.detach(), attn.detach(), x.grad, grads
+
+
+GAMMA_CASES = [(None, False), (1.25, False), (1.25, True), (2.0, False), (2.0, True)]
+
+
+@pytest.mark.parametrize("layout", ["maps", "tokens"])
+@pytest.mark.parametrize("gamma,use_beta", GAMMA_CASES)
+@pytest.mark.parametrize("num_heads", [1, 4])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_equals_official_formula_in_batch_mode(layout, gamma, use_beta, num_heads, qkv_bias):
+    ref, ours = _pair(num_heads, gamma, use_beta, qkv_bias, min_mode="batch")
+    x = _features(layout)
+    b = x.shape[0]
+    n = x.shape[2] * x.shape[3] if layout == "maps" else x.shape[1]
+    gen = torch.Generator().manual_seed(2)
+    out_w = torch.randn(b, DIM, generator=gen)
+    attn_w = torch.randn(b, num_heads, n, generator=gen)
+    r = _grads(ref, x, out_w, attn_w, lambda m, t: m(t))
+    o = _grads(ours, x, out_w, attn_w, lambda m, t: m.forward_with_attention(t))
+    torch.testing.assert_close(o[0], r[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o[1].reshape(r[1].shape), r[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o[2], r[2], rtol=1e-4, atol=1e-5)
+    for name, grad in r[3].items():
+        torch.testing.assert_close(o[3][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("gamma", [None, 1.25, 2.0])
+def test_sample_mode_does_not_depend_on_batch_mates(gamma):
+    _, ours = _pair(gamma=gamma)
+    x = _features("tokens", batch=5)
+    together = ours(x)
+    for i in range(5):
+        torch.testing.assert_close(ours(x[i : i + 1]), together[i : i + 1], rtol=1e-5, atol=1e-5)
+    # ... and equals the official output at batch size 1.
+    ref, _ = _pair(gamma=gamma)
+    for i in range(5):
+        torch.testing.assert_close(ours(x[i : i + 1]), ref(x[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_mode_depends_on_batch_mates_as_the_official_code():
+    _, ours = _pair(gamma=1.25, min_mode="batch")
+    x = _features("tokens", batch=3)
+    values = ours.norm_patches(x)
+    high = values.amin((1, 2)).argmax()  # its own minimum is not the batch's
+    assert not torch.allclose(ours(x)[high], ours(x[high : high + 1])[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("gamma", [None, 1.25, 2.0])
+@pytest.mark.parametrize("layout", ["maps", "tokens"])
+@pytest.mark.parametrize("num_heads", [1, 4])
+def test_channel_mode_matches_timm(gamma, layout, num_heads):
+    ours = SimPool(DIM, num_heads, gamma=gamma, min_mode="channel")
+    _randomise(ours)
+    norm = functools.partial(nn.LayerNorm, eps=1e-6)  # timm defaults to 1e-5, SimPool to 1e-6
+    cls = SimPool2d if layout == "maps" else SimPool1d
+    theirs = cls(DIM, num_heads=num_heads, gamma=gamma, norm_layer=norm)
+    rename = {"norm_patches": "norm", "wq": "q", "wk": "k"}
+    theirs.load_state_dict({rename[k.split(".")[0]] + "." + k.split(".", 1)[1]: v for k, v in ours.state_dict().items()})
+    x = _features(layout)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["maps", "tokens"])
+@pytest.mark.parametrize("num_heads", [1, 2])
+def test_attention_contract_and_pooled_is_attention_weighted_values(layout, num_heads):
+    ours = SimPool(DIM, num_heads)
+    _randomise(ours)
+    x = _features(layout)
+    pooled, attn = ours.forward_with_attention(x)
+    b = x.shape[0]
+    expected_shape = (b, num_heads, *x.shape[2:]) if layout == "maps" else (b, num_heads, x.shape[1])
+    assert attn.shape == expected_shape
+    assert (attn >= 0).all()
+    torch.testing.assert_close(attn.flatten(2).sum(-1), torch.ones(b, num_heads))
+    tokens = x.flatten(2).transpose(1, 2) if layout == "maps" else x
+    values = ours.norm_patches(tokens).view(b, -1, num_heads, DIM // num_heads)
+    weighted = torch.einsum("bhn,bnhc->bhc", attn.flatten(2), values).reshape(b, DIM)
+    torch.testing.assert_close(pooled, weighted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [None, 1.25])
+def test_batch_size_one_keeps_the_batch_dimension(gamma):
+    out, attn = SimPool(DIM, gamma=gamma).forward_with_attention(torch.randn(1, DIM, 1, 1))
+    assert out.shape == (1, DIM) and attn.shape == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gamma", [None, 1.25, 3.0])
+def test_low_precision_and_autocast_stay_finite_for_large_features(dtype, gamma):
+    pool = SimPool(DIM, gamma=gamma)
+    x = (torch.randn(3, 10, DIM) * 1e4).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        out, attn = pool.forward_with_attention(x)
+    out.float().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(attn).all() and torch.isfinite(x.grad).all()
+    half = pool.to(dtype)
+    out = half(x.detach().to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_under_autocast_matches_fp32():
+    pool = SimPool(DIM, gamma=1.25)
+    x = _features("tokens")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = pool(x.bfloat16())
+    torch.testing.assert_close(low.float(), pool(x), rtol=0.05, atol=0.05)
+
+
+def test_official_state_dict_loads_unchanged():
+    ref = OfficialSimPool(DIM, gamma=1.25, use_beta=True)
+    ours = SimPool(DIM, gamma=1.25, use_beta=True)
+    assert set(ours.state_dict()) == set(ref.state_dict()) == {
+        "norm_patches.weight", "norm_patches.bias", "wq.weight", "wk.weight", "beta"
+    }
+    ours.load_state_dict(ref.state_dict())
+
+
+def test_gradients_reach_every_parameter():
+    pool = SimPool(DIM, gamma=1.25, use_beta=True, qkv_bias=True)
+    pool(_features("maps")).square().sum().backward()
+    missing = [n for n, p in pool.named_parameters() if n != "wk.bias" and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing  # wk.bias cancels in the softmax, as in the official module
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dim=30, num_heads=4), r"dim \(30\) must be divisible by num_heads \(4\)"),
+        (dict(dim=32, gamma=0.0), "gamma must be > 0"),
+        (dict(dim=32, gamma=-1.0), "gamma must be > 0"),
+        (dict(dim=32, use_beta=True), "use_beta=True needs a gamma"),
+        (dict(dim=32, min_mode="global"), "min_mode must be"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_pool("simpool", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((2, 16, 4, 4), r"expected maps of shape \(B, 32, H, W\), got \(2, 16, 4, 4\)"),
+        ((2, 9, 16), r"expected tokens of shape \(B, N, 32\), got \(2, 9, 16\)"),
+        ((2, 32), r"got a 2-d tensor of shape \(2, 32\)"),
+    ],
+)
+def test_bad_input_shapes(shape, match):
+    with pytest.raises(ValueError, match=match):
+        SimPool(DIM)(torch.randn(shape))
+
+
+def test_unknown_pool_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown pool 'simpoool'; known pools: .*simpool"):
+        create_pool("simpoool", DIM)

@@ -16,7 +16,7 @@ __all__ = ["AvgPool", "MaxPool", "AvgMaxPool", "CatAvgMaxPool"]
 class AvgPool(Pool):
     """Global average pooling (GAP; Lin et al., "Network In Network", ICLR 2014)."""
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
         return x.mean(1), None
 
 
@@ -24,7 +24,7 @@ class AvgPool(Pool):
 class MaxPool(Pool):
     """Global max pooling (Tolias et al., "Particular object retrieval with integral max-pooling", ICLR 2016)."""
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
         return x.amax(1), None
 
 
@@ -32,7 +32,7 @@ class MaxPool(Pool):
 class AvgMaxPool(Pool):
     """Mean of global average and max pooling, as timm's ``avgmax``."""
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
         return 0.5 * (x.mean(1) + x.amax(1)), None
 
 
@@ -43,5 +43,5 @@ class CatAvgMaxPool(Pool):
     def __init__(self, dim: int) -> None:
         super().__init__(dim, out_dim=2 * dim)
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
         return torch.cat([x.mean(1), x.amax(1)], dim=1), None

@@ -59,8 +59,12 @@ class Pool(nn.Module):
         self.dim = dim
         self.out_dim = dim if out_dim is None else out_dim
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Pool tokens ``(B, N, C)`` into ``(B, out_dim)``; also return attention ``(B, heads, N)`` or ``None``."""
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Pool tokens ``(B, N, C)`` into ``(B, out_dim)``; also return attention ``(B, heads, N)`` or ``None``.
+
+        ``hw`` is the ``(H, W)`` grid the tokens came from (row-major) for map input, ``None`` for
+        token input; only pools that work over space need it.
+        """
         raise NotImplementedError
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
@@ -75,7 +79,7 @@ class Pool(nn.Module):
             for a method with no spatial weighting.
         """
         tokens, hw = to_tokens(x, self.dim)
-        pooled, attn = self.pool_tokens(tokens)
+        pooled, attn = self.pool_tokens(tokens, hw)
         if attn is not None and hw is not None:
             attn = attn.unflatten(-1, hw)
         return pooled, attn

@@ -90,7 +90,7 @@ class SimPool(Pool):
         if use_beta:
             self.beta = nn.Parameter(torch.zeros(1))
 
-    def pool_tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def pool_tokens(self, x: Tensor, hw: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
         """Pool tokens.
 
         Args:

@@ -1,0 +1,36 @@
+"""Batching of sample dicts into the batch contract of DESIGN.md."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["collate_samples"]
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch sample dicts.
+
+    Returns:
+        ``image`` ``(B, 3, H, W)`` float, ``label`` ``(B,)`` long, ``mask`` ``(B, H, W)`` bool where
+        samples have one, ``boxes`` a list of ``(K, 4)`` xyxy float tensors (K varies per image);
+        other tensor entries are stacked, anything else is listed.
+    """
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    keys = samples[0].keys()
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        if key == "boxes":
+            batch[key] = [torch.as_tensor(v, dtype=torch.float32).as_subclass(Tensor).reshape(-1, 4) for v in values]
+        elif key == "label":
+            batch[key] = torch.as_tensor([int(v) for v in values], dtype=torch.long)
+        elif key == "mask":
+            batch[key] = torch.stack([torch.as_tensor(v).as_subclass(Tensor).reshape(v.shape[-2:]) for v in values]).bool()
+        elif isinstance(values[0], Tensor):
+            batch[key] = torch.stack([v.as_subclass(Tensor) for v in values])
+        else:
+            batch[key] = values
+    return batch

@@ -1,0 +1,2 @@
+"""Lightning callbacks: attention maps, predictions."""
+from .prediction_writer import PredictionWriter

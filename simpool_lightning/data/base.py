@@ -1,21 +1,40 @@
 """What every DataModule shares: loaders over dict samples with the project's collate."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .collate import collate_samples
 
-__all__ = ["BaseDataModule"]
+__all__ = ["BaseDataModule", "UnpaddedDistributedSampler"]
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Evaluation sampler: rank r takes samples r, r + world, ... and nothing more.
+
+    torch's ``DistributedSampler`` pads every rank to the same length by repeating samples, so
+    synced metrics would count those samples twice; here ranks may get one sample fewer instead.
+    Being a ``DistributedSampler``, Lightning leaves it in place.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class BaseDataModule(pl.LightningDataModule):
     """Loaders for ``train_set`` / ``val_set`` / ``test_set`` that a subclass builds in ``setup``.
 
     ``test`` falls back to the validation split and ``predict`` to the test split when a dataset
-    has no separate one. Under DDP, Lightning inserts the distributed sampler.
+    has no separate one. Under DDP, Lightning inserts the distributed sampler for training;
+    evaluation uses :class:`UnpaddedDistributedSampler`, so every sample is evaluated exactly once.
 
     Args:
         batch_size: per-process batch size.
@@ -39,10 +58,14 @@ class BaseDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Optional[Dataset], split: str, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split (was setup() called?)")
+        sampler = None
+        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sampler = UnpaddedDistributedSampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -178,6 +178,14 @@ class ImageClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def setup(self, stage: str) -> None:
+        data_classes = getattr(self.trainer.datamodule, "num_classes", None) if self.trainer.datamodule else None
+        if data_classes is not None and data_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.num_classes ({self.hparams.num_classes}) != the data's num_classes ({data_classes}); "
+                "set them equal (configs interpolate ${data.init_args.num_classes})"
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         if self.mixup is not None:

@@ -1,0 +1,218 @@
+"""ImageClassifier and PooledBackbone: every pool trains, checkpoints reload, DDP and bf16 run."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from simpool_lightning.data import SyntheticShapesDataModule
+from simpool_lightning.models import ImageClassifier, PooledBackbone
+from simpool_lightning.pooling import list_pools
+
+VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2))
+CNN = ("resnet18", {})
+
+
+def tiny_data(**kw) -> SyntheticShapesDataModule:
+    args = dict(num_classes=4, image_size=32, train_size=64, val_size=40, seed=0, batch_size=16, num_workers=0)
+    args.update(kw)
+    return SyntheticShapesDataModule(**args)
+
+
+def trainer(tmp_path, **kw) -> pl.Trainer:
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+@pytest.mark.parametrize("arch", ["vit", "cnn"])
+@pytest.mark.parametrize("pool", list_pools() + ["token"])
+def test_every_pool_trains_a_step(pool, arch):
+    name, kwargs = VIT if arch == "vit" else CNN
+    if pool == "token" and arch == "cnn":
+        with pytest.raises(ValueError, match="needs a model with a class token"):
+            ImageClassifier(name, kwargs, pool=pool, num_classes=4)
+        return
+    torch.manual_seed(0)
+    model = ImageClassifier(name, kwargs, pool=pool, num_classes=4, lr=1e-3, warmup_epochs=0)
+    # resnet18 downsamples 32x: 96 px gives a 3 x 3 map, where every pool's parameters matter.
+    batch = next(iter(tiny_data(image_size=32 if arch == "vit" else 96).train_dataloader()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert model.features(batch["image"]).shape == (16, model.backbone.out_dim)
+    changed = [n for n, p in model.net.named_parameters() if not torch.equal(p, before[n])]
+    assert any(n.startswith("backbone.model") for n in changed) and "head.1.weight" in changed
+    if pool not in ("token", "avg", "max", "avgmax", "catavgmax"):
+        assert any(n.startswith("backbone.pool") for n in changed), f"no pool parameter of {pool} moved"
+
+
+def test_vit_with_simpool_has_no_class_token_and_token_pool_has_one():
+    simpool = PooledBackbone(VIT[0], "simpool", **VIT[1])
+    assert simpool.model.cls_token is None and simpool.num_prefix_tokens == 0
+    assert simpool.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 16, 64)
+    token = PooledBackbone(VIT[0], "token", **VIT[1])
+    assert token.model.cls_token is not None
+    assert token.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 17, 64)
+
+
+def test_before_norm_placement_pools_then_applies_the_final_norm():
+    backbone = PooledBackbone(VIT[0], "simpool", placement="before_norm", **VIT[1])
+    images = torch.randn(2, 3, 32, 32)
+    tokens = backbone.forward_features(images)
+    expected = backbone.final_norm(backbone.pool(tokens))
+    torch.testing.assert_close(backbone(images), expected)
+    assert isinstance(backbone.model.norm, torch.nn.Identity)
+
+
+def test_pretrained_path_loads_a_local_file(tmp_path):
+    source = PooledBackbone("resnet18", "avg")
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.model.state_dict(), path)
+    loaded = PooledBackbone("resnet18", "avg", pretrained_path=str(path))
+    for (name, a), b in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        PooledBackbone("resnet18", "avg", pretrained_path=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_offline_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import time
+    with pytest.raises(RuntimeError, match="pretrained_path"):
+        PooledBackbone("resnet18", "avg", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backbone="resnet_does_not_exist"), "unknown timm backbone 'resnet_does_not_exist'"),
+        (dict(pool="simpoool"), "unknown pool 'simpoool'"),
+        (dict(num_classes=1), "num_classes must be >= 2"),
+    ],
+)
+def test_bad_model_arguments(kwargs, match):
+    args = dict(backbone="resnet18", pool="avg", num_classes=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ImageClassifier(**args)
+
+
+def test_short_fit_beats_chance_and_checkpoint_reloads_identically(tmp_path):
+    pl.seed_everything(0)
+    data = tiny_data(train_size=256, val_size=64, batch_size=32)
+    model = ImageClassifier(*VIT, pool="simpool", num_classes=4, lr=2e-3, warmup_epochs=0.5, ema_decay=0.9)
+    t = trainer(tmp_path, max_epochs=3)
+    t.fit(model, data)
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+    metrics = t.validate(model, data, verbose=False)[0]
+    assert {"val/acc1", "val_ema/acc1", "val/mask_iou", "val/corloc"} <= set(metrics)
+
+    reloaded = ImageClassifier.load_from_checkpoint(path)
+    images = next(iter(data.val_dataloader()))["image"]
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), model(images), rtol=0, atol=0)
+        torch.testing.assert_close(reloaded.ema.module(images), model.ema.module(images), rtol=0, atol=0)
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
+    model = ImageClassifier(*VIT, pool="simpool", pool_kwargs={"gamma": 1.25}, num_classes=4, warmup_epochs=0)
+    t = trainer(tmp_path, precision="bf16-mixed", max_steps=2, limit_val_batches=1)
+    t.fit(model, tiny_data())
+    assert t.global_step == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_mixup_cutmix_and_each_optimizer_train(tmp_path):
+    for opt in ("adamw", "sgd", "lamb", "lars"):
+        model = ImageClassifier(
+            *CNN, pool="gem", num_classes=4, optimizer=opt, lr=1e-3, mixup_alpha=0.2, cutmix_alpha=1.0,
+            label_smoothing=0.1, warmup_epochs=0,
+        )
+        t = trainer(tmp_path, max_steps=2, limit_val_batches=0)
+        t.fit(model, tiny_data())
+        assert t.global_step == 2, opt
+
+
+def test_schedule_warms_up_then_decays(tmp_path):
+    model = ImageClassifier(*VIT, pool="avg", num_classes=4, lr=1e-2, warmup_lr=1e-4, min_lr=1e-3, warmup_epochs=1)
+    lrs = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    t = trainer(tmp_path, max_epochs=4, limit_val_batches=0, callbacks=[Record()])
+    t.fit(model, tiny_data())  # 4 steps per epoch: 4 warm-up steps, 12 cosine steps
+    assert lrs[0] == pytest.approx(1e-4)
+    assert lrs[4] == pytest.approx(1e-2)
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * 11 / 12)))  # step 15 of 16
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path):
+    model = ImageClassifier(*CNN, pool="avg", num_classes=4, warmup_epochs=0)
+    data = tiny_data()
+
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                batch["image"][:] = float("nan")
+
+    with pytest.raises(FloatingPointError, match="at global step 1"):
+        trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[Poison()]).fit(model, data)
+
+
+def _ddp_validate(tmp_path, ckpt: str, devices: int) -> dict[str, float]:
+    model = ImageClassifier.load_from_checkpoint(ckpt)
+    strategy = "ddp_fork" if devices > 1 else "auto"
+    t = trainer(tmp_path, devices=devices, strategy=strategy)
+    # 40 validation images over 2 ranks in batches of 16: an uneven last batch on each rank.
+    return t.validate(model, tiny_data(val_size=41), verbose=False)[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_two_process_ddp_fit_and_validate_match_one_process(tmp_path):
+    pl.seed_everything(0)
+    model = ImageClassifier(*VIT, pool="simpool", num_classes=4, lr=2e-3, warmup_epochs=0)
+    t = trainer(tmp_path, devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=2)
+    t.fit(model, tiny_data())
+    ckpt = str(tmp_path / "ddp.ckpt")
+    t.save_checkpoint(ckpt)
+    one = _ddp_validate(tmp_path, ckpt, devices=1)
+    two = _ddp_validate(tmp_path, ckpt, devices=2)
+    for key in ("val/acc1", "val/mask_iou", "val/corloc"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_num_classes_must_match_the_data(tmp_path):
+    model = ImageClassifier(*CNN, pool="avg", num_classes=5)
+    with pytest.raises(ValueError, match=r"model.num_classes \(5\) != the data's num_classes \(4\)"):
+        trainer(tmp_path, max_steps=1).fit(model, tiny_data())
+
+
+def test_python_api_test_and_predict(tmp_path):
+    model = ImageClassifier(*VIT, pool="simpool", num_classes=4)
+    t = trainer(tmp_path, limit_test_batches=1, limit_predict_batches=1)
+    metrics = t.test(model, tiny_data(), verbose=False)[0]
+    assert {"test/acc1", "test/mask_iou", "test/corloc"} <= set(metrics)
+    (pred,) = t.predict(model, tiny_data())
+    assert pred["topk_classes"].shape == (16, 4) and pred["attention"].shape == (16, 32, 32)

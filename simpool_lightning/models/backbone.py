@@ -111,6 +111,14 @@ class PooledBackbone(nn.Module):
             raise ValueError(f"pool 'token' takes no pool_kwargs, got {pool_kwargs}")
         self.out_dim: int = self.num_features if self.pool is None else self.pool.out_dim
 
+        # timm's NormMlpClassifierHead (ConvNeXt and kin) normalises the pooled vector before its
+        # classifier; keep that step, after whichever pool, with its (pretrained) weights.
+        head_norm = getattr(getattr(self.model, "head", None), "norm", None)
+        if isinstance(head_norm, nn.LayerNorm) and self.pool is not None and self.out_dim == self.num_features:
+            self.final_norm = nn.LayerNorm(self.num_features, eps=head_norm.eps)
+            self.final_norm.load_state_dict(head_norm.state_dict())
+            self.model.head.norm = nn.Identity()
+
     def forward_features(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images -> maps ``(B, C, h, w)`` or tokens ``(B, N, C)``.
 

@@ -31,6 +31,10 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
             batch[key] = torch.stack([torch.as_tensor(v).as_subclass(Tensor).reshape(v.shape[-2:]) for v in values]).bool()
         elif isinstance(values[0], Tensor):
             batch[key] = torch.stack([v.as_subclass(Tensor) for v in values])
+        elif isinstance(values[0], (list, tuple)) and values[0] and all(isinstance(t, Tensor) for t in values[0]):
+            if any(len(v) != len(values[0]) for v in values):
+                raise ValueError(f"samples hold different numbers of {key!r} tensors: {sorted({len(v) for v in values})}")
+            batch[key] = [torch.stack([v[i].as_subclass(Tensor) for v in values]) for i in range(len(values[0]))]
         else:
             batch[key] = values
     return batch

@@ -1,0 +1,108 @@
+"""MultiCropTransform (DINO's augmentations) and the collate of crop lists."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from simpool_lightning.data import MultiCropTransform, PILGaussianBlur, collate_samples
+
+
+def pil_image(h: int = 60, w: int = 80, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["pil", "uint8", "float"])
+def test_crops_from_any_image_kind(kind):
+    image = pil_image()
+    if kind != "pil":
+        image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        image = image if kind == "uint8" else image / 255.0
+    transform = MultiCropTransform(local_crops_number=3, global_size=32, local_size=16)
+    sample = {"image": image, "label": 3, "mask": torch.zeros(60, 80, dtype=torch.bool), "boxes": torch.zeros(1, 4)}
+    out = transform(sample)
+    assert [tuple(c.shape) for c in out["image"]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(type(c) is torch.Tensor and c.dtype == torch.float32 for c in out["image"])
+    # Normalised with the ImageNet statistics: values leave [0, 1].
+    assert min(c.min().item() for c in out["image"]) < 0
+    assert out["label"] == 3 and "mask" not in out and "boxes" not in out  # annotations fit no crop
+
+
+def test_dino_recipe_per_view():
+    transform = MultiCropTransform(global_crops_scale=(0.14, 1.0), local_crops_scale=(0.05, 0.14))
+
+    def ops(view: v2.Compose, kind: type) -> list:
+        found = []
+        for op in view.transforms:
+            inner = op.transforms if isinstance(op, v2.RandomApply) else [op]
+            found += [(op, t) for t in inner if isinstance(t, kind)]
+        return found
+
+    for view, scale, size in ((transform.global_1, (0.14, 1.0), 224), (transform.global_2, (0.14, 1.0), 224), (transform.local, (0.05, 0.14), 96)):
+        (_, crop), = ops(view, v2.RandomResizedCrop)
+        assert tuple(crop.scale) == scale and tuple(crop.size) == (size, size)
+        (apply, jitter), = ops(view, v2.ColorJitter)
+        assert apply.p == 0.8 and jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
+        (_, gray), = ops(view, v2.RandomGrayscale)
+        assert gray.p == 0.2
+    assert [ops(v, PILGaussianBlur)[0][0].p for v in (transform.global_1, transform.global_2, transform.local)] == [1.0, 0.1, 0.5]
+    # Solarisation on the second global crop only.
+    assert [len(ops(v, v2.RandomSolarize)) for v in (transform.global_1, transform.global_2, transform.local)] == [0, 1, 0]
+    assert ops(transform.global_2, v2.RandomSolarize)[0][1].p == 0.2
+
+
+def test_random_per_call_and_reproducible_from_torch_seed():
+    transform = MultiCropTransform(local_crops_number=2, global_size=24, local_size=12)
+    image = pil_image()
+    torch.manual_seed(1)
+    first = transform.crops(image)
+    torch.manual_seed(1)
+    again = transform.crops(image)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], transform.crops(image)[0])
+
+
+def test_bad_input_is_named():
+    transform = MultiCropTransform(local_crops_number=0, global_size=16, local_size=8)
+    assert len(transform({"image": pil_image()})["image"]) == 2
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        transform({"image": torch.rand(8, 8)})
+    with pytest.raises(KeyError, match="'image'"):
+        transform({"label": 0})
+    with pytest.raises(ValueError, match="local_crops_scale"):
+        MultiCropTransform(local_crops_scale=(0.5, 0.2))
+
+
+def test_collate_stacks_crops_by_index_and_keeps_tensor_behaviour():
+    transform = MultiCropTransform(local_crops_number=2, global_size=24, local_size=12)
+    samples = [transform({"image": pil_image(seed=i), "label": i}) for i in range(3)]
+    batch = collate_samples(samples)
+    assert isinstance(batch["image"], list) and [tuple(c.shape) for c in batch["image"]] == [(3, 3, 24, 24)] * 2 + [(3, 3, 12, 12)] * 2
+    assert torch.equal(batch["image"][3][1], samples[1]["image"][3])
+    assert batch["label"].tolist() == [0, 1, 2]
+    plain = collate_samples([{"image": torch.zeros(3, 4, 4), "label": 0}, {"image": torch.ones(3, 4, 4), "label": 1}])
+    assert plain["image"].shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="different numbers of 'image'"):
+        collate_samples([samples[0], {**samples[1], "image": samples[1]["image"][:3]}])
+
+
+class PILDataset(Dataset):
+    def __init__(self, transform: MultiCropTransform) -> None:
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> dict:
+        return self.transform({"image": pil_image(seed=i), "label": i})
+
+
+def test_in_a_dataloader_worker():
+    transform = MultiCropTransform(local_crops_number=2, global_size=24, local_size=12)
+    loader = DataLoader(PILDataset(transform), batch_size=4, num_workers=1, collate_fn=collate_samples)
+    batch = next(iter(loader))
+    assert len(batch["image"]) == 4 and batch["image"][0].shape == (4, 3, 24, 24) and batch["image"][2].shape == (4, 3, 12, 12)

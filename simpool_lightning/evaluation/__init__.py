@@ -1,6 +1,7 @@
-"""Evaluation of pooled features and attention maps: localization metrics, k-NN, retrieval.
+"""Evaluation of pooled features and attention maps: localization metrics, k-NN, retrieval, linear probes.
 
-Pure metric code: every function takes tensors (attention maps, features, labels, boxes) and no model.
+The metric code takes tensors (attention maps, features, labels, boxes) and no model;
+``KNNEvaluator`` and ``LinearProbe`` are LightningModules that run a frozen model's ``features`` through it.
 """
 from .knn import gather_features, knn_classify
 from .localization import (
@@ -14,18 +15,28 @@ from .localization import (
     threshold_by_value,
 )
 from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
+from .frozen import FrozenFeatures, load_feature_model
+from .knn_eval import KNNCallback, KNNEvaluator, extract_features, reference_split
+from .linear import LinearProbe
 
 __all__ = [
     "PROTOCOLS",
     "CorLoc",
+    "FrozenFeatures",
+    "KNNCallback",
+    "KNNEvaluator",
+    "LinearProbe",
     "MaskIoU",
     "MaxBoxAccV2",
     "average_precision",
     "box_iou",
     "compute_map",
+    "extract_features",
     "gather_features",
     "knn_classify",
     "largest_component_box",
+    "load_feature_model",
+    "reference_split",
     "resize_attention",
     "revisited_map",
     "threshold_by_mass",

@@ -19,6 +19,18 @@ prefix; ``net.head.1.*`` <-> the classifier (``net.head.0`` is the dropout).
 ``timm``: a bare timm state dict (``.pth`` or ``.safetensors``) with the same names: the
 default-pooling baselines, a ViT's [CLS] token (``pool="token"``) or a CNN's average (``"avg"``).
 
+``dino``: the authors' DINO fork (``self_supervised/main_dino.py``), ViT only: a dict with
+``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` and ``dino_loss`` (the center).
+Student keys are ``module.backbone.*`` / ``module.head.*`` (DDP); the teacher carries ``module.``
+only when the network has batch norms (only then does main_dino wrap it in DDP). The ViT
+(``vision_transformer.py``, mode ``simpool``) has no ``cls_token`` and pools the tokens with
+``backbone.simpool.*`` (``use_beta=True``) before ``backbone.norm``; the head is DINOHead with
+the old ``nn.utils.weight_norm`` (``head.last_layer.weight_g`` / ``weight_v``). Ours: DINO's
+``student`` / ``teacher`` (MultiCropNet) with ``backbone.model.*`` <-> ``backbone.*``,
+``backbone.pool.*`` <-> ``backbone.simpool.*``, ``backbone.final_norm.*`` <-> ``backbone.norm.*``,
+``head.last_layer.parametrizations.weight.original0/1`` <-> ``head.last_layer.weight_g/v``, and
+``criterion.center`` <-> ``dino_loss.center``.
+
 Official SimPool hyper-parameters live in code, not in the weights: ``gamma`` (a constructor
 argument; ``--gamma`` of the training scripts), one head, no ``qkv_bias``, and the minimum of
 the gamma path taken over the whole batch (ours: ``min_mode="batch"``; the default ``"sample"``
@@ -36,6 +48,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -47,6 +60,7 @@ from torch import Tensor, nn
 
 from .models.backbone import TOKEN_POOL, PooledBackbone
 from .models.classifier import ImageClassifier
+from .models.dino import DINO
 from .pooling import SimPool
 
 __all__ = ["CheckpointMismatchError", "Kind", "KINDS", "export_official", "load_official"]
@@ -117,6 +131,17 @@ _SUPERVISED: dict[str, _Layout] = {
     # timm's head.norm after the pool as backbone.final_norm.
     "convnext": _Layout(pool="head.global_pool.pool.", head="head.fc.", extra=(("backbone.final_norm.", "head.norm."),)),
 }
+
+# Keys relative to DINO's MultiCropNet (self_supervised/vision_transformer.py and DINOHead).
+_DINO_VIT_RULES: _Rules = (
+    ("backbone.pool.", "backbone.simpool."),
+    ("backbone.final_norm.", "backbone.norm."),
+    ("backbone.model.", "backbone."),
+    # The official head uses the old nn.utils.weight_norm (weight_g, weight_v); ours the parametrization.
+    ("head.last_layer.parametrizations.weight.original0", "head.last_layer.weight_g"),
+    ("head.last_layer.parametrizations.weight.original1", "head.last_layer.weight_v"),
+    ("head.", "head."),
+)
 
 _FAMILIES = ((VisionTransformer, "vit"), (ResNet, "resnet"), (ConvNeXt, "convnext"))
 
@@ -368,6 +393,116 @@ def _classifier_checkpoint(model: ImageClassifier, kind: str) -> dict[str, Any]:
     return checkpoint
 
 
+# ---------------------------------------------------------------------- DINO
+
+# Official args with the same meaning as DINO's constructor arguments. Not lr: the official one is
+# a base rate that main_dino scales by the global batch / 256, which the args do not record.
+_DINO_ARGS = (
+    "out_dim", "use_bn_in_head", "norm_last_layer", "drop_path_rate", "momentum_teacher", "teacher_temp",
+    "warmup_teacher_temp", "warmup_teacher_temp_epochs", "optimizer", "min_lr", "warmup_epochs",
+    "weight_decay", "weight_decay_end", "freeze_last_layer", "clip_grad",
+)
+_OFFICIAL_DINO_VITS = ("vit_tiny", "vit_small", "vit_base")  # self_supervised/vision_transformer.py
+_OFFICIAL_DINO_HEAD = dict(head_layers=3, head_hidden_dim=2048, head_bottleneck_dim=256)  # main_dino: DINOHead defaults
+
+
+def _dino_states(checkpoint: Mapping[str, Any]) -> tuple[StateDict, StateDict]:
+    missing = [k for k in ("student", "teacher") if k not in checkpoint]
+    if missing:
+        raise ValueError(f"a DINO checkpoint needs 'student' and 'teacher'; missing {missing}")
+    return _strip(checkpoint["student"], "module."), _strip(checkpoint["teacher"], "module.")
+
+
+def _dino_kwargs(student: StateDict, args: Mapping[str, Any], model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "backbone.patch_embed.proj.weight" not in student:
+        raise NotImplementedError(
+            "only the official DINO ViT maps onto timm: the DINO fork's ResNet-50 and ConvNeXt use torchvision's and "
+            "the ConvNeXt paper's parameter names"
+        )
+    backbone = {k[len("backbone.") :]: v for k, v in student.items() if k.startswith("backbone.")}
+    kwargs = dict(model_kwargs)
+    arch = args.get("arch")
+    # The fork names its ViTs vit_tiny/small/base; the patch size comes from the weights.
+    kwargs["backbone"] = _backbone_name(kwargs, f"{arch}_patch16_224" if arch in _OFFICIAL_DINO_VITS else arch, "vit")
+    _check_family(kwargs["backbone"], "vit")
+    kwargs["backbone_kwargs"] = {**_vit_kwargs(backbone), **(kwargs.get("backbone_kwargs") or {})}
+    kwargs.setdefault("pool", "simpool" if any(k.startswith("simpool.") for k in backbone) else TOKEN_POOL)
+    if kwargs["pool"] == "simpool":
+        kwargs["pool_kwargs"] = _simpool_kwargs(backbone, "simpool.", kwargs.get("pool_kwargs"), args)
+        kwargs.setdefault("placement", "before_norm")  # forward(): x = self.simpool(x); return self.norm(x)
+
+    linears = [v for k, v in student.items() if re.fullmatch(r"head\.mlp\.\d+\.weight", k) and v.dim() == 2]
+    last = student.get("head.last_layer.weight_v")  # (out_dim, bottleneck)
+    if last is None or not linears:
+        raise ValueError("no DINO head in the student (head.mlp.*, head.last_layer.weight_v)")
+    kwargs.setdefault("out_dim", last.shape[0])
+    kwargs.setdefault("head_bottleneck_dim", last.shape[1])
+    kwargs.setdefault("head_layers", len(linears))
+    kwargs.setdefault("head_hidden_dim", linears[0].shape[0] if len(linears) > 1 else last.shape[1])
+    kwargs.setdefault("use_bn_in_head", any(k.startswith("head.mlp.") and k.endswith("running_mean") for k in student))
+    for name in _DINO_ARGS:
+        if name in args:
+            kwargs.setdefault(name, args[name])
+    return kwargs
+
+
+def _load_dino(checkpoint: Mapping[str, Any], model_kwargs: dict[str, Any]) -> DINO:
+    student, teacher = _dino_states(checkpoint)
+    model = DINO(**_dino_kwargs(student, _args_dict(checkpoint), model_kwargs))
+    hint = "check backbone= and backbone_kwargs (e.g. num_heads) against the checkpoint's architecture"
+    _load_official_state(model.student, student, _DINO_VIT_RULES, "student", hint)
+    _load_official_state(model.teacher, teacher, _DINO_VIT_RULES, "teacher", hint)
+    center = (checkpoint.get("dino_loss") or {}).get("center")
+    if center is not None:
+        _load_official_state(model.criterion, {"center": center}, (("", ""),), "dino_loss")
+    return model
+
+
+def _dino_checkpoint(model: DINO) -> dict[str, Any]:
+    backbone = model.student.backbone
+    if _family_of(backbone) != "vit":
+        raise NotImplementedError(
+            "only the official DINO ViT shares timm's names; the DINO fork's ResNet-50 and ConvNeXt do not"
+        )
+    simpool = backbone.pool_name == "simpool"
+    if simpool:
+        if backbone.placement != "before_norm":
+            raise ValueError("the official DINO ViT pools the tokens before its final norm: use placement='before_norm'")
+        # vision_transformer.py: SimPool(embed_dim, num_heads=1, qkv_bias=False, gamma=gamma, use_beta=True);
+        # sp.py creates beta only with a gamma.
+        _check_simpool_exportable(backbone.pool, use_beta=backbone.pool.gamma is not None, where="backbone.simpool")
+    elif backbone.pool_name != TOKEN_POOL:
+        raise ValueError(f"the official DINO ViT pools with 'simpool' or its [CLS] token ('token'), not {backbone.pool_name!r}")
+    hp = model.hparams
+    different = {k: hp[k] for k, v in _OFFICIAL_DINO_HEAD.items() if hp[k] != v}
+    if different:
+        warnings.warn(
+            f"main_dino.py builds DINOHead with {_OFFICIAL_DINO_HEAD}; this head has {different}: the official training "
+            f"loop cannot resume from this file, though its eval scripts read the teacher's backbone",
+            stacklevel=4,  # the caller of export_official
+        )
+    # main_dino.py wraps the student in DDP, the teacher only when the network has batch norms.
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules())
+    teacher_prefix = "module." if has_batchnorm else ""
+    args = {name: hp[name] for name in _DINO_ARGS}
+    args.update(
+        arch=hp.backbone,
+        mode="simpool" if simpool else "official",
+        gamma=backbone.pool.gamma if simpool else None,
+        patch_size=backbone.model.patch_embed.patch_size[0],
+    )
+    return {
+        "student": {"module." + k: v for k, v in _to_official(model.student, _DINO_VIT_RULES).items()},
+        "teacher": {teacher_prefix + k: v for k, v in _to_official(model.teacher, _DINO_VIT_RULES).items()},
+        # Our optimizer's groups are not the official ones: restart_from_checkpoint reports that it
+        # cannot load this state and starts the optimizer afresh, as it does for any mismatch.
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": model.current_epoch,  # main_dino saves epoch + 1: the epochs done, where it resumes
+        "args": args,  # a dict, not the official Namespace: nothing official reads it, and it stays weights_only-safe
+        "dino_loss": {"center": model.criterion.center.detach().cpu()},
+    }
+
+
 # ---------------------------------------------------------------------- public API
 
 
@@ -378,7 +513,7 @@ def load_official(
     weights_only: bool = True,
     ema: bool = False,
     **model_kwargs: Any,
-) -> ImageClassifier:
+) -> Union[ImageClassifier, DINO]:
     """A ready model (in eval mode) from an official checkpoint.
 
     Args:
@@ -411,11 +546,15 @@ def load_official(
     if (kind == "dino") != (detected == "dino"):
         raise ValueError(f"kind={kind!r}, but the file looks like a {detected!r} checkpoint (entries: {list(checkpoint)[:10]})")
     if kind == "dino":
-        raise NotImplementedError("official DINO checkpoints are not supported yet: they need the DINO LightningModule")
+        if ema:
+            raise ValueError("ema=True is for supervised checkpoints; a DINO checkpoint's EMA is its teacher")
+        return _load_dino(checkpoint, model_kwargs).eval()
     return _load_classifier(checkpoint, ema, model_kwargs).eval()
 
 
-def export_official(model: ImageClassifier, path: Union[str, os.PathLike], kind: Optional[Kind] = None) -> None:
+def export_official(
+    model: Union[ImageClassifier, DINO], path: Union[str, os.PathLike], kind: Optional[Kind] = None
+) -> None:
     """Write ``model`` as an official checkpoint that the authors' code loads.
 
     Args:
@@ -429,11 +568,15 @@ def export_official(model: ImageClassifier, path: Union[str, os.PathLike], kind:
             SimPool, a pool before a ViT's norm ...); the message says which setting.
         NotImplementedError: the backbone is not a ViT, ResNet or ConvNeXt.
     """
-    kind = kind or "supervised"
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(model, ImageClassifier):
-        raise TypeError(f"expected an ImageClassifier, got {type(model).__name__}")
-    if kind == "dino":
-        raise ValueError("kind='dino' needs a DINO model; an ImageClassifier exports as 'supervised' or 'timm'")
-    torch.save(_classifier_checkpoint(model, kind), path)
+    if isinstance(model, DINO):
+        if kind not in (None, "dino"):
+            raise ValueError(f"a DINO model exports as kind='dino', not {kind!r}")
+        checkpoint = _dino_checkpoint(model)
+    elif isinstance(model, ImageClassifier):
+        kind = kind or "supervised"
+        if kind not in ("supervised", "timm"):
+            raise ValueError(f"an ImageClassifier exports as kind='supervised' or 'timm', not {kind!r}")
+        checkpoint = _classifier_checkpoint(model, kind)
+    else:
+        raise TypeError(f"expected an ImageClassifier or a DINO model, got {type(model).__name__}")
+    torch.save(checkpoint, path)

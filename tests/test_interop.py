@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from simpool_lightning.interop import CheckpointMismatchError, export_official, load_official
 from simpool_lightning.models import ImageClassifier
+from simpool_lightning.models.dino import DINO
 from tests.reference.official_simpool import OfficialSimPool
 
 NUM_CLASSES = 5
@@ -242,3 +243,89 @@ def test_export_refuses_what_the_official_code_cannot_express(pool: str, pool_kw
     model = ImageClassifier(VIT, VIT_KWARGS, pool=pool, pool_kwargs=pool_kwargs, num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match=match):
         export_official(model, tmp_path / "x.pth.tar")
+
+
+# ---------------------------------------------------------------------- DINO (ViT)
+
+
+class _OfficialDINOHead(nn.Module):
+    """self_supervised/vision_transformer.py DINOHead: MLP, L2 norm, nn.utils.weight_norm (weight_g, weight_v)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is what the official code used
+            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+
+
+DINO_HEAD = dict(out_dim=32, hidden_dim=48, bottleneck_dim=16)
+
+
+def _official_dino_vit(seed: int) -> tuple[dict[str, Tensor], Any, Any]:
+    """vision_transformer.py (mode 'simpool'): no class token; blocks -> simpool (use_beta) -> norm; DINOHead."""
+    vit = _perturb(timm.create_model(VIT, class_token=False, global_pool="", num_classes=0, **VIT_KWARGS), seed)
+    pool = _official_pool(64, 1.25, use_beta=True, seed=seed + 1)
+    head = _perturb(_OfficialDINOHead(64, **DINO_HEAD), seed + 2)
+    backbone_state = {**vit.state_dict(), **_with_prefix("simpool.", pool)}
+    norm, vit.norm = vit.norm, nn.Identity()
+
+    def features(x: Tensor) -> Tensor:
+        return norm(pool(vit.forward_features(x))[0])
+
+    state = {**{"backbone." + k: v for k, v in backbone_state.items()}, **_with_prefix("head.", head)}
+    return state, features, lambda x: head(features(x))
+
+
+def test_dino_vit_loads_matches_official_and_exports_back(tmp_path: Path) -> None:
+    student, _, student_forward = _official_dino_vit(seed=0)
+    teacher, teacher_features, teacher_forward = _official_dino_vit(seed=10)
+    center = torch.randn(1, DINO_HEAD["out_dim"])
+    args = argparse.Namespace(arch="vit_tiny", mode="simpool", gamma=1.25, patch_size=8, out_dim=DINO_HEAD["out_dim"],
+                              use_bn_in_head=False, norm_last_layer=False, momentum_teacher=0.996, lr=5e-4)
+    official = {
+        "student": {"module." + k: v for k, v in student.items()},  # DDP
+        "teacher": teacher,  # no batch norm: main_dino leaves the teacher unwrapped
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 3,
+        "args": args,
+        "dino_loss": {"center": center},
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(official, path)
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=False"):
+        load_official(path)
+
+    model = load_official(path, weights_only=False, backbone_kwargs={"num_heads": 2}, pool_kwargs={"gamma": 1.25, **BATCH_MIN})
+    assert isinstance(model, DINO) and not model.training
+    hp = model.hparams
+    assert (hp.backbone, hp.pool, hp.placement, hp.out_dim, hp.head_hidden_dim, hp.head_bottleneck_dim) == (
+        "vit_tiny_patch16_224", "simpool", "before_norm", 32, 48, 16
+    )
+    assert hp.norm_last_layer is False and hp.pool_kwargs["use_beta"] is True
+    torch.testing.assert_close(model.criterion.center, center)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), teacher_features(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.teacher([x]), teacher_forward(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.student([x]), student_forward(x), atol=1e-5, rtol=1e-4)
+
+    with pytest.warns(UserWarning, match="DINOHead"):  # the test's head is smaller than main_dino's
+        export_official(model, tmp_path / "exported.pth")
+    written = torch.load(tmp_path / "exported.pth", weights_only=True)
+    assert set(written) == set(official)
+    _assert_same_state(written["student"], official["student"])
+    _assert_same_state(written["teacher"], official["teacher"])
+    _assert_same_state(written["dino_loss"], official["dino_loss"])
+    assert written["args"]["gamma"] == 1.25 and written["args"]["patch_size"] == 8
+
+
+def test_dino_export_refuses_an_inexpressible_pool(tmp_path: Path) -> None:
+    model = DINO(VIT, VIT_KWARGS, pool="simpool", pool_kwargs={"gamma": 1.25}, out_dim=8, head_hidden_dim=8, head_bottleneck_dim=8)
+    with pytest.raises(ValueError, match="use_beta"):  # the official DINO ViT adds beta whenever it has a gamma
+        export_official(model, tmp_path / "x.pth")

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from simpool_lightning.evaluation import CorLoc, MaxBoxAccV2, gather_features
+from tests.isolated import run_isolated
 
 
 def free_port() -> int:
@@ -48,7 +49,11 @@ def worker(rank: int, world_size: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
-def test_two_processes():
+def two_processes() -> None:
     # fork: the children inherit the imported modules instead of importing torch again.
     mp.start_processes(worker, args=(2, free_port()), nprocs=2, join=True, start_method="fork")
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
+def test_two_processes():
+    run_isolated("tests.evaluation.test_distributed:two_processes")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ import torch
 from simpool_lightning.data import SyntheticShapesDataModule
 from simpool_lightning.models import ImageClassifier, PooledBackbone
 from simpool_lightning.pooling import list_pools
+from tests.isolated import run_isolated
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2))
 CNN = ("resnet18", {})
@@ -189,8 +191,8 @@ def _ddp_validate(tmp_path, ckpt: str, devices: int) -> dict[str, float]:
     return t.validate(model, tiny_data(val_size=41), verbose=False)[0]
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_two_process_ddp_fit_and_validate_match_one_process(tmp_path):
+def two_process_ddp_fit_and_validate_match_one_process(tmp_dir: str) -> None:
+    tmp_path = Path(tmp_dir)
     pl.seed_everything(0)
     model = ImageClassifier(*VIT, pool="simpool", num_classes=4, lr=2e-3, warmup_epochs=0)
     t = trainer(tmp_path, devices=2, strategy="ddp_fork", max_epochs=1, limit_val_batches=2)
@@ -201,6 +203,11 @@ def test_two_process_ddp_fit_and_validate_match_one_process(tmp_path):
     two = _ddp_validate(tmp_path, ckpt, devices=2)
     for key in ("val/acc1", "val/mask_iou", "val/corloc"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_two_process_ddp_fit_and_validate_match_one_process(tmp_path):
+    run_isolated("tests.models.test_classifier:two_process_ddp_fit_and_validate_match_one_process", str(tmp_path))
 
 
 def test_num_classes_must_match_the_data(tmp_path):

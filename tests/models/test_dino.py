@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -9,13 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from timm.optim import Lars
 
 from simpool_lightning.data import MultiCropTransform, SyntheticShapes, collate_samples
 from simpool_lightning.models import DINO, DINOHead, DINOLoss, clip_gradients_per_parameter, dino_param_groups
+from tests.isolated import run_isolated
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2))
 TINY = dict(out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32, drop_path_rate=0.0)
@@ -42,24 +43,6 @@ def trainer(tmp_path, **kw) -> pl.Trainer:
     return pl.Trainer(**args)
 
 
-class ShapeCrops(Dataset):
-    """SyntheticShapes through MultiCropTransform: 2 global 32 px and 2 local 16 px crops."""
-
-    def __init__(self, n: int) -> None:
-        self.shapes = SyntheticShapes(n, num_classes=4, image_size=32, seed=0)
-        self.crops = MultiCropTransform(local_crops_number=2, global_size=32, local_size=16)
-        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def __getitem__(self, i: int) -> dict:
-        sample = self.shapes[i]
-        raw = (sample["image"].as_subclass(Tensor) * self.std + self.mean).clamp(0, 1)  # undo the dataset's normalisation
-        return self.crops({"image": raw, "label": sample["label"]})
-
-
 class FixedCrops(Dataset):
     """Deterministic crops (no augmentation): sample i is the same tensors in any process."""
 
@@ -70,6 +53,11 @@ class FixedCrops(Dataset):
         g = torch.Generator().manual_seed(i)
         sizes = (32, 32, 16, 16)
         return {"image": [torch.randn(3, s, s, generator=g) for s in sizes], "label": i % 4}
+
+
+def shape_crops(n: int) -> SyntheticShapes:
+    """SyntheticShapes through DINO's multi-crop: 2 global 32 px and 2 local 16 px crops."""
+    return SyntheticShapes(n, image_size=32, multi_crop=MultiCropTransform(local_crops_number=2, global_size=32, local_size=16))
 
 
 def loader(dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
@@ -247,7 +235,7 @@ def test_loss_falls_on_synthetic_shapes(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer(tmp_path, max_epochs=4, callbacks=[Losses()]).fit(model, loader(ShapeCrops(96), 16, shuffle=True))
+    trainer(tmp_path, max_epochs=4, callbacks=[Losses()]).fit(model, loader(shape_crops(96), 16, shuffle=True))
     assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.5, (first, last)
@@ -288,10 +276,15 @@ def _fit_center(tmp_path, strategy: str, devices: int, batch_size: int) -> Tenso
     return model.criterion.center
 
 
-@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
-def test_ddp_center_matches_single_process(tmp_path):
+def ddp_center_matches_single_process(tmp_dir: str) -> None:
     # Two processes with 4 samples each see the same global batches as one process with 8: the
     # all-reduced center, and the averaged gradients behind the second step's teacher, agree.
+    tmp_path = Path(tmp_dir)
     single = _fit_center(tmp_path / "single", "auto", 1, 8)
     ddp = _fit_center(tmp_path / "ddp", "ddp_fork", 2, 4)
     assert torch.allclose(ddp, single, atol=1e-5), (ddp - single).abs().max()
+
+
+@pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
+def test_ddp_center_matches_single_process(tmp_path):
+    run_isolated("tests.models.test_dino:ddp_center_matches_single_process", str(tmp_path))

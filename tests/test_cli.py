@@ -72,8 +72,12 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, capsys, overr
     assert not (tmp_path / "version_0" / "checkpoints").exists()  # nothing trained
 
 
-def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
+def test_unknown_key_in_a_config_file_is_an_error(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
-    config.write_text(Path(QUICKSTART).read_text().replace("  max_epochs: 8", "  max_epochs: 8\n  max_epoch: 3"))
-    with pytest.raises(SystemExit):
+    text = Path(QUICKSTART).read_text()
+    assert "\ntrainer:\n" in text
+    config.write_text(text.replace("\ntrainer:\n", "\ntrainer:\n  max_epoch: 3\n"))
+    with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", str(config), "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "max_epoch" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .downstream import ClassificationDataModule
 from .io import FileSample, OnBadImage
+from .multicrop import MultiCropTransform
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageNetDataModule", "list_image_files"]
 
@@ -78,6 +79,9 @@ class ImageNetDataModule(ClassificationDataModule):
             ``auto_augment="rand-m9-mstd0.5-inc1"``).
         on_bad_image: ``"raise"`` (stop, naming the file) or ``"skip"`` (log it and take the next
             image; :attr:`skipped` lists them), see :class:`~.io.FileDataset`.
+        multi_crop: DINO's :class:`~.multicrop.MultiCropTransform` as the training transform
+            (``scale``, ``hflip``, ``auto_augment`` and ``re_prob`` then do not apply): training
+            batches hold ``image`` as a list of crop batches.
 
     Raises:
         FileNotFoundError: on first use of :attr:`classes` or in ``setup``: the root or a split
@@ -100,6 +104,7 @@ class ImageNetDataModule(ClassificationDataModule):
         re_prob: float = 0.0,
         on_bad_image: OnBadImage = "raise",
         pin_memory: bool = False,
+        multi_crop: Optional[MultiCropTransform] = None,
     ) -> None:
         super().__init__(
             root,
@@ -117,6 +122,8 @@ class ImageNetDataModule(ClassificationDataModule):
         if images_per_class is not None and images_per_class <= 0:
             raise ValueError(f"images_per_class must be positive or None, got {images_per_class}")
         self.images_per_class = images_per_class
+        if multi_crop is not None:
+            self.train_transform = multi_crop
 
     def _read_classes(self) -> list[str]:
         if not self.root.is_dir():

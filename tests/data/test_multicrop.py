@@ -1,4 +1,4 @@
-"""MultiCropTransform (DINO's augmentations) and the collate of crop lists."""
+"""MultiCropTransform (DINO's augmentations), the collate of crop lists, and the DataModules' multi-crop option."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from simpool_lightning.data import MultiCropTransform, PILGaussianBlur, collate_samples
+from simpool_lightning.data import (
+    ImageNetDataModule,
+    MultiCropTransform,
+    PILGaussianBlur,
+    SyntheticShapes,
+    SyntheticShapesDataModule,
+    collate_samples,
+)
+from simpool_lightning.evaluation import reference_split
 
 
 def pil_image(h: int = 60, w: int = 80, seed: int = 0) -> Image.Image:
@@ -106,3 +114,32 @@ def test_in_a_dataloader_worker():
     loader = DataLoader(PILDataset(transform), batch_size=4, num_workers=1, collate_fn=collate_samples)
     batch = next(iter(loader))
     assert len(batch["image"]) == 4 and batch["image"][0].shape == (4, 3, 24, 24) and batch["image"][2].shape == (4, 3, 12, 12)
+
+
+def test_synthetic_shapes_multi_crop_option():
+    crops = MultiCropTransform(local_crops_number=2, global_size=32, local_size=16)
+    data = SyntheticShapesDataModule(image_size=32, train_size=8, val_size=4, batch_size=4, multi_crop=crops)
+    batch = next(iter(data.train_dataloader()))
+    assert sorted(batch) == ["image", "label"] and [tuple(c.shape) for c in batch["image"]] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert next(iter(data.val_dataloader()))["image"].shape == (4, 3, 32, 32)  # evaluation keeps whole images
+    # k-NN references: the training split without flip or multi-crop, exactly the plain images.
+    references, _ = reference_split(data)
+    assert references.multi_crop is None and references.hflip == 0 and data.train_set.multi_crop is crops
+    plain = SyntheticShapes(8, image_size=32, seed=0)
+    assert torch.equal(references[3]["image"], plain[3]["image"])
+
+
+def test_imagenet_multi_crop_option(tmp_path):
+    for split, count in (("train", 2), ("val", 1)):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                pil_image(40, 50, seed=i).save(tmp_path / split / name / f"{i}.png")
+    crops = MultiCropTransform(local_crops_number=1, global_size=24, local_size=12)
+    data = ImageNetDataModule(str(tmp_path), image_size=24, batch_size=4, num_workers=0, multi_crop=crops)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert [tuple(c.shape) for c in batch["image"]] == [(4, 3, 24, 24)] * 2 + [(4, 3, 12, 12)]
+    assert next(iter(data.val_dataloader()))["image"].shape == (2, 3, 24, 24)
+    references, _ = reference_split(data)
+    assert references.transform is data.eval_transform and references[0]["image"].shape == (3, 24, 24)

@@ -7,9 +7,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from .accuracy import topk_accuracy
 from ..models.schedules import cosine_schedule
 from .frozen import FrozenFeatures, load_feature_model
 
@@ -61,19 +60,8 @@ class LinearProbe(pl.LightningModule):
         nn.init.zeros_(linear.bias)
         self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear) if use_bn else linear
 
-        def accuracy(prefix: str) -> MetricCollection:
-            top5 = min(5, num_classes)
-            return MetricCollection(
-                {
-                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                    f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
-                },
-                prefix=prefix,
-                compute_groups=False,
-            )
-
-        self.val_metrics = accuracy("val/")
-        self.test_metrics = accuracy("test/")
+        self.val_metrics = topk_accuracy(num_classes, "val/")
+        self.test_metrics = topk_accuracy(num_classes, "test/")
 
     def features(self, images: Tensor) -> Tensor:
         """The frozen model's features: ``(B, 3, H, W)`` -> ``(B, D)``."""

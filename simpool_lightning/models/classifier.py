@@ -12,8 +12,8 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from ..evaluation.accuracy import topk_accuracy
 from ..evaluation.localization import CorLoc, MaskIoU
 from .backbone import PooledBackbone, PoolPlacement
 from .schedules import cosine_schedule
@@ -123,20 +123,9 @@ class ImageClassifier(pl.LightningModule):
             )
         self.soft_loss = SoftTargetCrossEntropy()
 
-        def accuracy(prefix: str) -> MetricCollection:
-            top5 = min(5, num_classes)
-            return MetricCollection(
-                {
-                    "acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                    f"acc{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
-                },
-                prefix=prefix,
-                compute_groups=False,
-            )
-
-        self.val_metrics = accuracy("val/")
-        self.val_ema_metrics = accuracy("val_ema/")
-        self.test_metrics = accuracy("test/")
+        self.val_metrics = topk_accuracy(num_classes, "val/")
+        self.val_ema_metrics = topk_accuracy(num_classes, "val_ema/")
+        self.test_metrics = topk_accuracy(num_classes, "test/")
         self.val_localization = MetricCollection(
             {"mask_iou": MaskIoU(mass=attention_mass), "corloc": CorLoc(mass=attention_mass)},
             prefix="val/",

@@ -235,10 +235,10 @@ def test_loss_falls_on_synthetic_shapes(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    trainer(tmp_path, max_epochs=4, callbacks=[Losses()]).fit(model, loader(shape_crops(96), 16, shuffle=True))
-    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first - 0.5, (first, last)
+    trainer(tmp_path, max_epochs=3, callbacks=[Losses()]).fit(model, loader(shape_crops(64), 16, shuffle=True))
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.5, losses
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -6,10 +6,12 @@ the query's crop box ``(x1, y1, x2, y2)`` in pixels, and database index lists ``
 ``junk``). :func:`simpool_lightning.evaluation.retrieval.revisited_map` scores with ``gnd``.
 
 As the protocol says, a query is its image cropped to ``bbx`` (rounded to whole pixels, as PIL's
-``crop`` does); database images are whole. Each image is then shrunk so that its long side is at
-most ``image_size``, keeping its aspect (PIL ``thumbnail``, Lanczos: what DINO's retrieval
-evaluation does; smaller images are not enlarged). Images keep their own shapes, so batches hold one
-image. Multi-scale descriptors (e.g. scales 1, 1/sqrt(2), 1/2) are the evaluator's business.
+``crop`` does); database images are whole. (DINO's ``eval_image_retrieval.py`` feeds the whole
+query image instead, and so do the numbers made with it: ``crop_queries=False``.) Each image is then
+shrunk so that its long side is at most ``image_size``, keeping its aspect (PIL ``thumbnail``,
+Lanczos: what DINO's retrieval evaluation does; smaller images are not enlarged). Images keep their
+own shapes, so batches hold one image. Multi-scale descriptors (e.g. scales 1, 1/sqrt(2), 1/2) are
+the evaluator's business.
 """
 from __future__ import annotations
 
@@ -95,6 +97,8 @@ class RevisitedRetrievalDataModule(DownstreamDataModule):
         root: the folder that holds ``roxford5k/`` or ``rparis6k/``.
         dataset: ``"roxford5k"`` or ``"rparis6k"``.
         image_size: the largest long side; ``None`` keeps full resolution.
+        crop_queries: crop each query to its ``bbx`` (the protocol); ``False`` keeps the whole
+            query image, as DINO's retrieval evaluation does.
         num_workers, pin_memory, on_bad_image: see :class:`~.downstream.DownstreamDataModule`.
             With ``"skip"`` an unreadable image is replaced by the next one, whose ``index`` then
             shows twice: the evaluator must notice, since every database image counts in mAP.
@@ -107,6 +111,7 @@ class RevisitedRetrievalDataModule(DownstreamDataModule):
         root: str,
         dataset: Literal["roxford5k", "rparis6k"] = "roxford5k",
         image_size: Optional[int] = 224,
+        crop_queries: bool = True,
         num_workers: int = 0,
         pin_memory: bool = False,
         on_bad_image: OnBadImage = "raise",
@@ -115,6 +120,7 @@ class RevisitedRetrievalDataModule(DownstreamDataModule):
         if dataset not in RETRIEVAL_DATASETS:
             raise ValueError(f"dataset must be one of {RETRIEVAL_DATASETS}, got {dataset!r}")
         self.dataset = dataset
+        self.crop_queries = crop_queries
         self.gnd: list[dict[str, Any]] = []
         self.imlist: list[str] = []
         self.qimlist: list[str] = []
@@ -138,7 +144,8 @@ class RevisitedRetrievalDataModule(DownstreamDataModule):
             return FileSample(str(images / f"{name}.jpg"), -1, extra=extra)
 
         self.database_set = self._files([sample(n, i) for i, n in enumerate(self.imlist)], transform)
-        self.query_set = self._files([sample(n, i, g["bbx"]) for i, (n, g) in enumerate(zip(self.qimlist, self.gnd))], transform)
+        queries = [sample(n, i, g["bbx"] if self.crop_queries else None) for i, (n, g) in enumerate(zip(self.qimlist, self.gnd))]
+        self.query_set = self._files(queries, transform)
         # Neither is a "val" or "test" split: the loaders below hand out the pair.
         return None, None, None
 

@@ -1,9 +1,11 @@
 """Instance retrieval of any model's pooled features on revisited Oxford 5k and Paris 6k.
 
-DINO's protocol (``eval_image_retrieval.py``): every database image and every query (cropped to its
-box by :class:`~simpool_lightning.data.RevisitedRetrievalDataModule`) is described by the frozen
-model's ``features``, L2-normalised; database images are ranked by cosine similarity to each query,
-and the ranking is scored by :func:`~.retrieval.revisited_map` (mAP in %, junk images taken out).
+DINO's protocol (``eval_image_retrieval.py``): every database image and every query is described by
+the frozen model's ``features``, L2-normalised; database images are ranked by cosine similarity to
+each query, and the ranking is scored by :func:`~.retrieval.revisited_map` (mAP in %, junk images
+taken out). Queries are cropped to their box, as the revisited protocol says, by
+:class:`~simpool_lightning.data.RevisitedRetrievalDataModule` (``crop_queries=False`` feeds them
+whole, as DINO's script does).
 
 Multi-scale, as DINO's ``utils.multi_scale``: the image at scales 1, 1/sqrt(2) and 1/2 (bilinear,
 ``align_corners=False``), the three raw feature vectors averaged, the average L2-normalised. (No

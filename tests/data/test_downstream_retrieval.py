@@ -60,6 +60,9 @@ def test_full_resolution(tmp_path: Path) -> None:
     database, queries = dm.val_dataloader()
     assert next(iter(database))["image"].shape == (1, 3, H, W)
     assert next(iter(queries))["image"].shape == (1, 3, 39, 40)
+    dm = RevisitedRetrievalDataModule(str(tmp_path), image_size=None, crop_queries=False)
+    dm.setup()
+    assert next(iter(dm.val_dataloader()[1]))["image"].shape == (1, 3, H, W)  # DINO's whole query image
 
 
 def test_bad_ground_truth(tmp_path: Path) -> None:

@@ -48,11 +48,11 @@ GND = [
 EXPECTED = {"mAP_medium": 100 * (1 / 3 + 1) / 2, "mAP_hard": 100 / 6, "mAP_easy": 100 * (1 / 4 + 1) / 2}
 
 
-def make_coloured_oxford(root: Path, gnd: list = GND) -> Path:
+def make_coloured_oxford(root: Path) -> Path:
     base = root / "roxford5k"
     base.mkdir(parents=True)
     with open(base / "gnd_roxford5k.pkl", "wb") as f:
-        pickle.dump({"imlist": IMLIST, "qimlist": QIMLIST, "gnd": gnd}, f)
+        pickle.dump({"imlist": IMLIST, "qimlist": QIMLIST, "gnd": GND}, f)
     for name, colour in COLOURS.items():
         write_image(base / "jpg" / f"{name}.jpg", (W, H), rect=(0, 0, W, H), color=colour)
     write_image(base / "jpg" / "q1.jpg", (W, H), rect=(0, 0, W, H), color=GREEN)
@@ -92,9 +92,9 @@ def quiet_trainer(**kw) -> pl.Trainer:
     return pl.Trainer(**{**args, **kw})
 
 
-def evaluate(root: str, multiscale: bool = False, **trainer_kw) -> dict[str, float]:
+def evaluate(root: str, multiscale: bool = False, crop_queries: bool = True, **trainer_kw) -> dict[str, float]:
     trainer = quiet_trainer(**trainer_kw)
-    data = RevisitedRetrievalDataModule(root, "roxford5k", image_size=None)
+    data = RevisitedRetrievalDataModule(root, "roxford5k", image_size=None, crop_queries=crop_queries)
     trainer.test(RetrievalEvaluator(MeanColour(), multiscale=multiscale), datamodule=data, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -113,13 +113,11 @@ def test_known_map_with_junk_ignored(oxford, multiscale):
     assert metrics == pytest.approx({f"test/{k}": v for k, v in EXPECTED.items()}, abs=1e-4)
 
 
-def test_the_query_is_its_box(tmp_path):
-    # q0 uncropped (its box the whole image) is 1/3 red and 2/3 green: it ranks db3, db4, db2, db1,
-    # db0 (cosines 0.95, 0.89, 0.80, 0.61, 0.45); under Medium (junk db0) db4 and db2 rank 1 and 2:
-    # AP = 1/2 (0 + 1/2) / 2 + 1/2 (1/2 + 2/3) / 2 = 5/12, where the red box gives 1/3.
-    whole = [{**GND[0], "bbx": [0.0, 0.0, float(W), float(H)]}, GND[1]]
-    make_coloured_oxford(tmp_path, whole)
-    metrics = evaluate(str(tmp_path))
+def test_the_query_is_its_box_unless_told_otherwise(oxford):
+    # q0 whole (DINO's evaluation does not crop) is 1/3 red and 2/3 green: it ranks db3, db4, db2,
+    # db1, db0 (cosines 0.95, 0.89, 0.80, 0.61, 0.45); under Medium (junk db0) db4 and db2 rank 1
+    # and 2: AP = 1/2 (0 + 1/2) / 2 + 1/2 (1/2 + 2/3) / 2 = 5/12, where the red box gives 1/3.
+    metrics = evaluate(str(oxford), crop_queries=False)
     assert metrics["test/mAP_medium"] == pytest.approx(100 * (5 / 12 + 1) / 2, abs=1e-4)
 
 

@@ -2,43 +2,160 @@
 
 The backbone's own head is removed (``num_classes=0, global_pool=""``); a pool from the registry,
 or ``"token"`` (a ViT's own [CLS] token), turns its features into one vector per image.
+
+Starting weights come from one argument, ``pretrained_path``, whose file may be any of:
+
+- a Lightning checkpoint of :class:`~simpool_lightning.models.ImageClassifier` (its
+  ``net.backbone``) or of :class:`~simpool_lightning.models.DINO` (its teacher's backbone, as
+  DINO's evaluations take it): backbone and pool, strictly, under our own names;
+- an official SimPool checkpoint (the authors' timm fork's ``.pth.tar`` with ``state_dict``, or
+  their DINO fork's ``student`` / ``teacher`` file), read by
+  :func:`simpool_lightning.interop.load_official`: backbone and pool, strictly (DINO: the teacher);
+- a plain timm state dict (``.pth`` / ``.safetensors``, optionally under ``model``): the timm
+  model only, strictly under timm's names except its classifier; the pool starts fresh.
+
+Classification heads are never loaded. Files are unpickled with ``weights_only=True`` unless the
+caller opts out (official checkpoints store an ``argparse.Namespace`` and need it).
 """
 from __future__ import annotations
 
+import argparse
 import os
-from typing import Any, Literal, Optional
+import pickle
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional
 
 import timm
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 from ..pooling import create_pool, is_pool, list_pools
 
-__all__ = ["PooledBackbone", "PoolPlacement", "TOKEN_POOL"]
+__all__ = ["PooledBackbone", "PoolPlacement", "TOKEN_POOL", "WeightsMismatchError"]
 
 TOKEN_POOL = "token"
 PoolPlacement = Literal["after_norm", "before_norm"]
 
+# Where each of our LightningModules keeps the backbone that fine-tuning starts from.
+_LIGHTNING_BACKBONES = (("net.backbone.", "ImageClassifier checkpoint"), ("teacher.backbone.", "DINO checkpoint (teacher)"))
+_OFFICIAL_ENTRIES = ("student", "teacher", "state_dict", "state_dict_ema")
 
-def _create_timm_model(name: str, pretrained: bool, pretrained_path: Optional[str], **kwargs: Any) -> nn.Module:
+
+class WeightsMismatchError(RuntimeError):
+    """A weights file does not fit the model: its keys or shapes differ.
+
+    Attributes:
+        path: the file.
+        missing: keys the model needs that the file lacks.
+        unexpected: keys of the file the model has no place for.
+        mismatched: ``(key, file shape, model shape)`` for keys present in both.
+    """
+
+    _SHOWN = 20  # per list in the message; the attributes keep everything
+
+    def __init__(
+        self,
+        path: str,
+        what: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+        hint: str = "",
+    ) -> None:
+        self.path, self.missing, self.unexpected, self.mismatched = path, missing, unexpected, mismatched
+        lines = [f"pretrained_path {path!r} ({what}) does not fit the model:"]
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped (file vs model)", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in mismatched]),
+        ):
+            if items:
+                more = f" ... and {len(items) - self._SHOWN} more" if len(items) > self._SHOWN else ""
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[: self._SHOWN])}{more}")
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: str, what: str, hint: str = "") -> None:
+    """Load ``state`` into ``module``; every key and shape must match, else :class:`WeightsMismatchError`."""
+    ours = module.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    mismatched = [(k, tuple(state[k].shape), tuple(ours[k].shape)) for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or mismatched:
+        raise WeightsMismatchError(path, what, missing, unexpected, mismatched, hint)
+    module.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class _TimmWeights:
+    """A plain timm state dict read from ``path``."""
+
+    path: str
+    state: dict[str, Tensor]
+
+
+def _read_weights(path: str, weights_only: bool) -> Any:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_path {path!r} does not exist")
+    if path.endswith(".safetensors"):  # tensors only, nothing to unpickle
+        return load_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if not weights_only:
+            raise
+        raise pickle.UnpicklingError(
+            f"pretrained_path {path!r} holds more than tensors and plain containers (official SimPool checkpoints "
+            f"store their training args as an argparse.Namespace), which weights_only=True refuses to unpickle. "
+            f"Unpickling can run arbitrary code: only if you trust this file, set pretrained_weights_only=False "
+            f"(PooledBackbone: weights_only=False). torch said: {str(err).splitlines()[0]}"
+        ) from err
+
+
+def _timm_state(checkpoint: Any, path: str) -> dict[str, Tensor]:
+    """The state dict of a plain timm file: bare, or under ``model`` (DeiT-style); DDP's ``module.`` dropped."""
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        entries = list(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(
+            f"pretrained_path {path!r} is none of: a Lightning checkpoint ('pytorch-lightning_version', 'state_dict'), "
+            f"an official SimPool checkpoint (one of {_OFFICIAL_ENTRIES}), a plain state dict of tensors; it holds {entries}"
+        )
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _create_timm_model(name: str, pretrained: bool, weights: Optional[_TimmWeights], **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, with timm's pretrained weights or a plain timm state dict loaded strictly."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise ValueError(f"unknown timm backbone {name!r}; similar names: {close} (see timm.list_models())")
-    if pretrained_path is not None:
-        if not os.path.isfile(pretrained_path):
-            raise FileNotFoundError(f"pretrained_path {pretrained_path!r} does not exist")
-        # timm loads a local file through its own checkpoint_path (strict; filters nothing).
-        kwargs["pretrained_cfg_overlay"] = dict(file=os.fspath(pretrained_path))
-        pretrained = True
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:
-        if not pretrained or pretrained_path is not None:
+        if not pretrained:
             raise
         raise RuntimeError(
             f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). This machine may be "
             f"offline: download the weights elsewhere and pass pretrained_path=<file>."
         ) from err
+    if weights is not None:
+        classifier = model.pretrained_cfg.get("classifier") or ()
+        dropped = {f"{c}.{p}" for c in ((classifier,) if isinstance(classifier, str) else classifier) for p in ("weight", "bias")}
+        _load_strict(
+            model,
+            {k: v for k, v in weights.state.items() if k not in dropped},
+            weights.path,
+            "a plain timm state dict",
+            f"check the backbone name and backbone_kwargs against the file's architecture (timm {name!r}; its "
+            f"classifier {sorted(dropped)} is not loaded and the pool starts fresh)",
+        )
+    return model
 
 
 class PooledBackbone(nn.Module):
@@ -54,7 +171,12 @@ class PooledBackbone(nn.Module):
             ``"before_norm"`` pools the tokens before a ViT's final norm and then applies that norm
             (the DINO variant of the official code).
         pretrained: load timm's pretrained weights (needs the hub, or its cache).
-        pretrained_path: a local weights file for timm to load instead.
+        pretrained_path: start from this file instead: a Lightning checkpoint of ``ImageClassifier``
+            or ``DINO`` (teacher), an official SimPool checkpoint, or a plain timm state dict (see
+            the module docstring). Backbone and pool load strictly (a plain timm file: the timm
+            model only); a mismatch raises :class:`WeightsMismatchError` listing the keys.
+        weights_only: unpickle ``pretrained_path`` with ``weights_only=True``; ``False`` only for a
+            file you trust that needs it (official checkpoints).
         model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``,
             ``drop_path_rate`` ...).
 
@@ -73,6 +195,8 @@ class PooledBackbone(nn.Module):
         placement: PoolPlacement = "after_norm",
         pretrained: bool = False,
         pretrained_path: Optional[str] = None,
+        *,
+        weights_only: bool = True,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -80,18 +204,28 @@ class PooledBackbone(nn.Module):
             raise ValueError(f"unknown pool {pool!r}; known pools: {', '.join(list_pools())} and {TOKEN_POOL!r}")
         if placement not in ("after_norm", "before_norm"):
             raise ValueError(f"placement must be 'after_norm' or 'before_norm', got {placement!r}")
+        if pretrained and pretrained_path is not None:
+            raise ValueError(f"give pretrained=True (timm's weights) or pretrained_path={pretrained_path!r}, not both")
         self.pool_name = pool
+        self.pool_kwargs: dict[str, Any] = dict(pool_kwargs or {})
         self.placement = placement
+
+        checkpoint = None if pretrained_path is None else _read_weights(os.fspath(pretrained_path), weights_only)
+        lightning = isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint
+        official = not lightning and isinstance(checkpoint, Mapping) and any(k in checkpoint for k in _OFFICIAL_ENTRIES)
+        timm_weights = None
+        if checkpoint is not None and not (lightning or official):
+            timm_weights = _TimmWeights(os.fspath(pretrained_path), _timm_state(checkpoint, os.fspath(pretrained_path)))
 
         kwargs = dict(model_kwargs, num_classes=0, global_pool="")
         token = pool == TOKEN_POOL
         try:  # ViT-like models take class_token; the paper builds them without one unless pooling with it
             vit_kwargs = dict(kwargs, class_token=token, global_pool="token" if token else "")
-            self.model = _create_timm_model(name, pretrained, pretrained_path, **vit_kwargs)
+            self.model = _create_timm_model(name, pretrained, timm_weights, **vit_kwargs)
         except TypeError as err:
             if "class_token" not in str(err):
                 raise
-            self.model = _create_timm_model(name, pretrained, pretrained_path, **kwargs)
+            self.model = _create_timm_model(name, pretrained, timm_weights, **kwargs)
         if token and getattr(self.model, "cls_token", None) is None:
             raise ValueError(f"pool 'token' needs a model with a class token (a ViT); {name!r} has none")
         self.num_features: int = self.model.num_features
@@ -118,6 +252,65 @@ class PooledBackbone(nn.Module):
             self.final_norm = nn.LayerNorm(self.num_features, eps=head_norm.eps)
             self.final_norm.load_state_dict(head_norm.state_dict())
             self.model.head.norm = nn.Identity()
+
+        if lightning:
+            self._load_lightning(checkpoint, os.fspath(pretrained_path))
+        elif official:
+            self._load_official(checkpoint, os.fspath(pretrained_path), name, model_kwargs, weights_only)
+
+    def _load_lightning(self, checkpoint: Mapping[str, Any], path: str) -> None:
+        """Backbone and pool of an ``ImageClassifier`` or ``DINO`` (teacher) Lightning checkpoint."""
+        state = checkpoint.get("state_dict") or {}
+        for prefix, what in _LIGHTNING_BACKBONES:
+            backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if backbone:
+                break
+        else:
+            raise ValueError(
+                f"pretrained_path {path!r} is a Lightning checkpoint with no backbone under "
+                f"{[p for p, _ in _LIGHTNING_BACKBONES]}; its modules: {sorted({k.split('.')[0] for k in state})}"
+            )
+        hp = checkpoint.get("hyper_parameters") or {}
+        theirs = {k: hp[k] for k in ("backbone", "backbone_kwargs", "pool", "pool_kwargs", "placement") if k in hp}
+        _load_strict(self, backbone, path, what, f"the checkpoint's model: {theirs}" if theirs else "")
+        if (hp.get("pool"), hp.get("pool_kwargs") or {}) != (self.pool_name, self.pool_kwargs):
+            # Not weights (gamma, say), so the strict load cannot see them: say so rather than fine-tune another pool.
+            warnings.warn(
+                f"pretrained_path {path!r} was trained with pool={hp.get('pool')!r}, pool_kwargs={hp.get('pool_kwargs')}; "
+                f"this model has pool={self.pool_name!r}, pool_kwargs={self.pool_kwargs}",
+                stacklevel=3,
+            )
+
+    def _load_official(self, checkpoint: Mapping[str, Any], path: str, name: str, model_kwargs: dict[str, Any], weights_only: bool) -> None:
+        """Backbone and pool of an official SimPool checkpoint (supervised; DINO: the teacher)."""
+        from ..interop import CheckpointMismatchError, load_official  # interop builds our models: import it late
+        from .dino import DINO
+
+        # The architecture is ours; the stochastic depth is not in the weights (and DINO refuses it here).
+        kwargs: dict[str, Any] = dict(
+            backbone=name,
+            pool=self.pool_name,
+            backbone_kwargs={k: v for k, v in model_kwargs.items() if k != "drop_path_rate"},
+        )
+        if self.pool_name == "simpool":
+            # gamma is no weight: the strict load cannot see it, but the official args record it.
+            args = checkpoint.get("args")
+            recorded = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+            if "gamma" in recorded and recorded["gamma"] != self.pool.gamma:
+                raise ValueError(
+                    f"pretrained_path {path!r} was trained with SimPool gamma={recorded['gamma']}, this model has "
+                    f"gamma={self.pool.gamma}: set pool_kwargs.gamma (null for none) as the checkpoint was trained"
+                )
+            kwargs["pool_kwargs"] = {**self.pool_kwargs, "gamma": self.pool.gamma}
+        what = "an official SimPool checkpoint"
+        try:
+            model = load_official(path, weights_only=weights_only, **kwargs)
+        except CheckpointMismatchError as err:
+            raise WeightsMismatchError(path, f"{what}, official key names", err.missing, err.unexpected, err.mismatched) from err
+        except (ValueError, NotImplementedError) as err:
+            raise type(err)(f"pretrained_path {path!r} ({what}): {err}") from err
+        source: PooledBackbone = model.teacher.backbone if isinstance(model, DINO) else model.backbone
+        _load_strict(self, source.state_dict(), path, what, f"the checkpoint pools with {source.pool_name!r}, placement={source.placement!r}")
 
     def forward_features(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images -> maps ``(B, C, h, w)`` or tokens ``(B, N, C)``.

@@ -55,8 +55,17 @@ class ImageClassifier(pl.LightningModule):
             any other pool the [CLS] token is dropped (the model is built without one).
         pool_kwargs: passed to ``create_pool`` (``gamma``, ``num_heads``, ``use_beta`` ...).
         placement: pool ``"after_norm"`` (supervised default) or ``"before_norm"`` (the DINO variant).
-        num_classes: classes of the head.
-        pretrained: load timm's pretrained backbone weights; ``pretrained_path`` a local file instead.
+        num_classes: classes of the head, which always starts fresh.
+        pretrained: load timm's pretrained backbone weights.
+        pretrained_path: fine-tune from this file (instead of ``pretrained``): a checkpoint of an
+            ``ImageClassifier`` (its backbone and pool) or of ``DINO`` (its teacher's), an official
+            SimPool checkpoint (``.pth.tar`` of the timm fork, or the DINO fork's file: the teacher),
+            or a plain timm state dict (the timm model only; the pool starts fresh). Backbone and
+            pool load strictly and the head never does; a mismatch lists the missing, unexpected
+            and mis-shaped keys and names the file. See :mod:`simpool_lightning.models.backbone`.
+        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``.
+            Official checkpoints store their training args as an ``argparse.Namespace`` and need
+            ``False``: set it only for a file you trust.
         drop_rate: dropout before the head. ``drop_path_rate``: stochastic depth of the backbone.
         label_smoothing: of the cross-entropy (and of the mixed targets with mixup/cutmix).
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's ``Mixup``; off when both
@@ -68,6 +77,9 @@ class ImageClassifier(pl.LightningModule):
         ema_decay: keep a model EMA (timm's ``ModelEmaV3``) with this decay and validate it as
             ``val_ema/*``; ``None`` for none.
         attention_mass: attention mass kept when thresholding maps for mask IoU and CorLoc.
+
+    A checkpoint of this model holds every weight, so it records ``pretrained=False`` and
+    ``pretrained_path=None``: reloading it never reads (or downloads) the starting weights again.
     """
 
     def __init__(
@@ -80,6 +92,7 @@ class ImageClassifier(pl.LightningModule):
         num_classes: int = 1000,
         pretrained: bool = False,
         pretrained_path: Optional[str] = None,
+        pretrained_weights_only: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         label_smoothing: float = 0.0,
@@ -105,7 +118,10 @@ class ImageClassifier(pl.LightningModule):
         if drop_path_rate:
             model_kwargs["drop_path_rate"] = drop_path_rate
         self.net = _Net(
-            PooledBackbone(backbone, pool, pool_kwargs, placement, pretrained, pretrained_path, **model_kwargs),
+            PooledBackbone(
+                backbone, pool, pool_kwargs, placement, pretrained, pretrained_path,
+                weights_only=pretrained_weights_only, **model_kwargs,
+            ),
             num_classes,
             drop_rate,
         )
@@ -174,6 +190,9 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes ({self.hparams.num_classes}) != the data's num_classes ({data_classes}); "
                 "set them equal (configs interpolate ${data.init_args.num_classes})"
             )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hyper_parameters"].update(pretrained=False, pretrained_path=None)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]

@@ -1,16 +1,20 @@
-"""ImageClassifier and PooledBackbone: every pool trains, checkpoints reload, DDP and bf16 run."""
+"""ImageClassifier and PooledBackbone: every pool trains, checkpoints reload, fine-tuning starts from any checkpoint kind, DDP and bf16 run."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import timm
 import torch
 
 from simpool_lightning.data import SyntheticShapesDataModule
-from simpool_lightning.models import ImageClassifier, PooledBackbone
+from simpool_lightning.models import DINO, ImageClassifier, PooledBackbone
+from simpool_lightning.models.backbone import WeightsMismatchError
 from simpool_lightning.pooling import list_pools
 from tests.isolated import run_isolated
 
@@ -82,15 +86,126 @@ def test_before_norm_placement_pools_then_applies_the_final_norm():
     assert isinstance(backbone.model.norm, torch.nn.Identity)
 
 
-def test_pretrained_path_loads_a_local_file(tmp_path):
-    source = PooledBackbone("resnet18", "avg")
-    path = tmp_path / "resnet18.pth"
-    torch.save(source.model.state_dict(), path)
-    loaded = PooledBackbone("resnet18", "avg", pretrained_path=str(path))
-    for (name, a), b in zip(source.model.state_dict().items(), loaded.model.state_dict().values()):
-        assert torch.equal(a, b), name
+def save_lightning_checkpoint(model: pl.LightningModule, path: Path) -> Path:
+    """What ModelCheckpoint writes, for a model that has not trained."""
+    t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    t.strategy.connect(model)
+    t.save_checkpoint(path)
+    return path
+
+
+def assert_backbone_equal(loaded: PooledBackbone, source: PooledBackbone) -> None:
+    theirs = source.state_dict()
+    assert sorted(loaded.state_dict()) == sorted(theirs)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+
+
+TINY_VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2))
+
+
+def test_pretrained_path_from_a_classifier_checkpoint_loads_backbone_and_pool_not_the_head(tmp_path):
+    torch.manual_seed(0)
+    source = ImageClassifier(*TINY_VIT, pool="simpool", num_classes=4)
+    path = save_lightning_checkpoint(source, tmp_path / "source.ckpt")
+    tuned = ImageClassifier(*TINY_VIT, pool="simpool", num_classes=7, pretrained_path=str(path), ema_decay=0.9)
+    assert_backbone_equal(tuned.backbone, source.backbone)
+    assert_backbone_equal(tuned.ema.module.backbone, source.backbone)  # the EMA starts from the loaded weights
+    assert tuned.net.head[1].weight.shape == (7, 32)
+
+    # The fine-tuned model's own checkpoint rebuilds without the starting file.
+    saved = save_lightning_checkpoint(tuned, tmp_path / "tuned.ckpt")
+    path.unlink()
+    hp = torch.load(saved, weights_only=True)["hyper_parameters"]
+    assert hp["pretrained_path"] is None and hp["pretrained"] is False
+    reloaded = ImageClassifier.load_from_checkpoint(saved)
+    assert_backbone_equal(reloaded.backbone, tuned.backbone)
+
+
+def test_pretrained_path_from_a_dino_checkpoint_takes_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    dino = DINO(*TINY_VIT, pool="simpool", out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    with torch.no_grad():  # make teacher and student differ, as after training
+        for p in dino.student.parameters():
+            p.add_(1.0)
+    path = save_lightning_checkpoint(dino, tmp_path / "dino.ckpt")
+    # DINO pools a ViT's tokens before the final norm: the classifier must too, else the keys say so.
+    with pytest.raises(WeightsMismatchError, match="placement") as info:
+        ImageClassifier(*TINY_VIT, pool="simpool", num_classes=3, pretrained_path=str(path))
+    assert info.value.missing == ["model.norm.weight", "model.norm.bias"]
+    assert info.value.unexpected == ["final_norm.weight", "final_norm.bias"]
+    tuned = ImageClassifier(*TINY_VIT, pool="simpool", placement="before_norm", num_classes=3, pretrained_path=str(path))
+    assert_backbone_equal(tuned.backbone, dino.teacher.backbone)
+
+
+def test_pretrained_path_from_official_checkpoints(tmp_path):
+    from tests.test_interop import VIT_KWARGS, _official_dino_vit, _supervised_vit
+
+    vit = ("vit_tiny_patch16_224", VIT_KWARGS)
+    state, _ = _supervised_vit(gamma=None)
+    torch.save({"state_dict": state, "epoch": 3, "version": 2}, tmp_path / "supervised.pth.tar")
+    tuned = ImageClassifier(*vit, pool="simpool", num_classes=3, pretrained_path=str(tmp_path / "supervised.pth.tar"))
+    for name, value in tuned.backbone.state_dict().items():
+        official = "gp.pool." + name[len("pool."):] if name.startswith("pool.") else name[len("model."):]
+        assert torch.equal(value, state[official]), name
+    assert tuned.net.head[1].weight.shape == (3, 64)
+
+    # The DINO fork's file: official args (a Namespace) need the opt-out; the teacher is taken.
+    student, _, _ = _official_dino_vit(seed=0)
+    teacher, _, _ = _official_dino_vit(seed=10)
+    args = argparse.Namespace(arch="vit_tiny", mode="simpool", gamma=1.25, patch_size=8, out_dim=32, use_bn_in_head=False)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"student": {"module." + k: v for k, v in student.items()}, "teacher": teacher, "args": args}, path)
+    kwargs = dict(pool="simpool", placement="before_norm", num_classes=3, pretrained_path=str(path))
+    with pytest.raises(pickle.UnpicklingError, match="pretrained_weights_only=False"):
+        ImageClassifier(*vit, pool_kwargs={"gamma": 1.25, "use_beta": True}, **kwargs)
+    with pytest.raises(ValueError, match="gamma=1.25, this model has gamma=2.0"):  # gamma is no weight: the args tell
+        ImageClassifier(*vit, pool_kwargs={"gamma": 2.0, "use_beta": True}, pretrained_weights_only=False, **kwargs)
+    tuned = ImageClassifier(*vit, pool_kwargs={"gamma": 1.25, "use_beta": True}, pretrained_weights_only=False, **kwargs)
+    official = {"final_norm.": "backbone.norm.", "pool.": "backbone.simpool.", "model.": "backbone."}
+    for name, value in tuned.backbone.state_dict().items():
+        prefix = next(p for p in official if name.startswith(p))
+        assert torch.equal(value, teacher[official[prefix] + name[len(prefix):]]), name
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_path_from_a_plain_timm_state_dict(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", num_classes=10)
+    path = tmp_path / f"resnet18{suffix}"
+    (save_file if suffix == ".safetensors" else torch.save)(source.state_dict(), path)  # with its classifier fc
+    loaded = PooledBackbone("resnet18", "gem", pretrained_path=str(path))
+    ours = loaded.model.state_dict()
+    assert sorted(ours) == sorted(k for k in source.state_dict() if not k.startswith("fc."))
+    for name, value in ours.items():
+        assert torch.equal(value, source.state_dict()[name]), name
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         PooledBackbone("resnet18", "avg", pretrained_path=str(tmp_path / "missing.pth"))
+
+
+def test_mismatched_checkpoints_list_the_keys_and_name_the_file(tmp_path):
+    path = save_lightning_checkpoint(ImageClassifier(*TINY_VIT, pool="simpool", num_classes=4), tmp_path / "depth1.ckpt")
+    deeper = dict(TINY_VIT[1], depth=2, embed_dim=48)
+    with pytest.raises(WeightsMismatchError) as info:
+        ImageClassifier(TINY_VIT[0], deeper, pool="simpool", num_classes=4, pretrained_path=str(path))
+    err = info.value
+    assert err.path == str(path) and str(path) in str(err) and "ImageClassifier checkpoint" in str(err)
+    assert "model.blocks.1.attn.qkv.weight" in err.missing and not err.unexpected
+    assert ("pool.wq.weight", (32, 32), (48, 48)) in err.mismatched
+    assert "pool.wq.weight: (32, 32) vs (48, 48)" in str(err)
+
+    resnet = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), resnet)
+    with pytest.raises(WeightsMismatchError, match="plain timm state dict") as info:
+        PooledBackbone("resnet34", "avg", pretrained_path=str(resnet))
+    assert "layer1.2.conv1.weight" in info.value.missing
+
+    torch.save({"epoch": 1}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="odd.pt.*is none of"):
+        PooledBackbone("resnet18", "avg", pretrained_path=str(tmp_path / "odd.pt"))
+    with pytest.raises(ValueError, match="not both"):
+        PooledBackbone("resnet18", "avg", pretrained=True, pretrained_path=str(resnet))
 
 
 def test_pretrained_offline_fails_with_a_clear_message(monkeypatch):

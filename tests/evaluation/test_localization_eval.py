@@ -1,0 +1,113 @@
+"""LocalizationEvaluator: hand-checked scores from maps we control, refusal of pools without attention, DINO checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from simpool_lightning.data import VOCDataModule
+from simpool_lightning.evaluation import CorLoc, LocalizationEvaluator
+from simpool_lightning.models import DINO, ImageClassifier
+from tests.data.test_downstream_voc import make_voc
+from tests.models.test_classifier import TINY_VIT, save_lightning_checkpoint
+
+
+class FirstChannelAttention(nn.Module):
+    """A 'model' whose attention map is its input's first channel, so a test draws the map it wants."""
+
+    def features(self, images: Tensor) -> Tensor:
+        return images.flatten(1)
+
+    def attention_maps(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        assert size == tuple(images.shape[-2:])
+        return images[:, 0]
+
+
+def block(x1: int, y1: int, x2: int, y2: int, side: int = 16) -> Tensor:
+    out = torch.zeros(side, side)
+    out[y1:y2, x1:x2] = 1.0
+    return out
+
+
+def hand_batch() -> dict:
+    """Three 16 x 16 images, the attention a block, one ground-truth box and mask each.
+
+    0: map on the box exactly (IoU 1); 1: map the left half of the box (IoU 0.5); 2: map away from it (IoU 0).
+    """
+    maps = [block(2, 2, 10, 10), block(0, 0, 8, 8), block(8, 8, 16, 16)]
+    boxes = [(2, 2, 10, 10), (0, 0, 16, 8), (0, 0, 8, 8)]
+    images = torch.stack([torch.stack([m, torch.zeros_like(m), torch.zeros_like(m)]) for m in maps])
+    return {
+        "image": images,
+        "label": torch.zeros(3, dtype=torch.long),
+        "boxes": [torch.tensor([b], dtype=torch.float32) for b in boxes],
+        "mask": torch.stack([block(*b) > 0 for b in boxes]),
+    }
+
+
+def quiet_trainer() -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_scores_of_maps_we_control():
+    evaluator = LocalizationEvaluator(FirstChannelAttention())
+    batch = hand_batch()
+    loader = DataLoader([batch], batch_size=None)
+    metrics = quiet_trainer().test(evaluator, loader, verbose=False)[0]
+    # BoxAcc: image 0 hits at every IoU threshold, image 1 (IoU 0.5) at 0.3 and 0.5, image 2 never.
+    assert metrics["test/BoxAcc@0.3"] == pytest.approx(2 / 3)
+    assert metrics["test/BoxAcc@0.5"] == pytest.approx(2 / 3)
+    assert metrics["test/BoxAcc@0.7"] == pytest.approx(1 / 3)
+    assert metrics["test/MaxBoxAccV2"] == pytest.approx(5 / 9)
+    # CorLoc (IoU >= 0.5): images 0 and 1. Mask IoU: (1 + 0.5 + 0) / 3.
+    assert metrics["test/corloc"] == pytest.approx(2 / 3)
+    assert metrics["test/mask_iou"] == pytest.approx(0.5)
+
+    # Only what the data carries is logged; validate logs under val/.
+    boxes_only = {k: v for k, v in batch.items() if k != "mask"}
+    metrics = quiet_trainer().validate(evaluator, DataLoader([boxes_only], batch_size=None), verbose=False)[0]
+    assert set(metrics) == {"val/MaxBoxAccV2", "val/BoxAcc@0.3", "val/BoxAcc@0.5", "val/BoxAcc@0.7", "val/corloc"}
+
+
+def test_batches_without_boxes_or_masks_are_refused():
+    batch = {k: v for k, v in hand_batch().items() if k in ("image", "label")}
+    with pytest.raises(ValueError, match="'boxes' or 'mask'"):
+        quiet_trainer().test(LocalizationEvaluator(FirstChannelAttention()), DataLoader([batch], batch_size=None))
+
+
+def test_a_pool_without_attention_is_refused_naming_it(tmp_path: Path):
+    with pytest.raises(ValueError, match="pools with 'avg', which has no spatial attention"):
+        LocalizationEvaluator(ImageClassifier(*TINY_VIT, pool="avg", num_classes=4))
+    path = save_lightning_checkpoint(ImageClassifier(*TINY_VIT, pool="gem", num_classes=4), tmp_path / "gem.ckpt")
+    with pytest.raises(ValueError, match=r"gem\.ckpt' pools with 'gem'"):
+        LocalizationEvaluator("simpool_lightning.models.ImageClassifier", checkpoint=str(path))
+
+
+def test_a_dino_checkpoint_is_scored_by_its_teachers_maps(tmp_path: Path):
+    torch.manual_seed(0)
+    dino = DINO(*TINY_VIT, pool="simpool", out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    with torch.no_grad():  # student and teacher differ, as after training
+        for p in dino.student.parameters():
+            p.mul_(-3.0)
+    path = save_lightning_checkpoint(dino, tmp_path / "dino.ckpt")
+    evaluator = LocalizationEvaluator("simpool_lightning.models.DINO", checkpoint=str(path))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluator.attention_maps(images), dino.eval().attention_maps(images, size=(32, 32)))
+    make_voc(tmp_path)
+    data = VOCDataModule(str(tmp_path), image_size=32, batch_size=2)
+    metrics = quiet_trainer().test(evaluator, data, verbose=False)[0]
+    assert {"test/MaxBoxAccV2", "test/corloc"} <= set(metrics) and "test/mask_iou" not in metrics
+
+    # The same number as the metric on the teacher's maps directly.
+    direct = CorLoc()
+    dino.eval()
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            direct.update(dino.attention_maps(batch["image"], size=(32, 32)), batch["boxes"])
+    assert metrics["test/corloc"] == pytest.approx(float(direct.compute()))

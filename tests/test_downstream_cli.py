@@ -1,0 +1,117 @@
+"""The downstream configs through the `simpool` CLI: fine-tuning from the quickstart's checkpoint, and
+localization on fabricated CUB and VOC, all shrunk with overrides to run on CPU in seconds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from simpool_lightning.cli import main
+from tests.data.test_downstream_classification import make_cifar10
+from tests.data.test_downstream_cub import make_cub
+from tests.data.test_downstream_voc import make_voc
+
+ROOT = Path(__file__).resolve().parents[1]
+DOWNSTREAM = ROOT / "configs" / "downstream"
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+# The quickstart's model with one block, as quickstart_checkpoint() trains it.
+QUICKSTART_VIT = "{img_size: 32, patch_size: 4, embed_dim: 96, depth: 1, num_heads: 3, mlp_ratio: 2.0}"
+
+
+def quickstart_checkpoint(tmp_path: Path) -> Path:
+    """``simpool fit -c configs/quickstart.yaml`` shrunk to two steps; its last.ckpt under ``tmp_path``."""
+    checkpoints = tmp_path / "quickstart"
+    callbacks = json.dumps(
+        [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(checkpoints), "save_last": True}}]
+    )
+    main([
+        "fit", "-c", QUICKSTART,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={checkpoints}",
+        f"--trainer.callbacks={callbacks}",
+        "--data.init_args.train_size=64",
+        "--data.init_args.val_size=32",
+        "--data.init_args.batch_size=16",
+        "--model.init_args.backbone_kwargs.depth=1",
+    ])
+    path = checkpoints / "last.ckpt"
+    assert path.is_file()
+    return path
+
+
+def on_cpu(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.num_workers=0",
+    ]
+
+
+class RecordStart(pl.Callback):
+    """Keeps the model's backbone weights and head shape as training starts (step 0)."""
+
+    seen: dict[str, object] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        RecordStart.seen = {
+            "backbone": {k: v.detach().clone() for k, v in pl_module.backbone.state_dict().items()},
+            "head": tuple(pl_module.net.head[1].weight.shape),
+        }
+
+
+def test_finetune_cifar10_starts_from_the_quickstart_checkpoint(tmp_path: Path) -> None:
+    ckpt = quickstart_checkpoint(tmp_path)
+    make_cifar10(tmp_path / "data")
+    RecordStart.seen = {}
+    run = tmp_path / "finetune"
+    main([
+        "fit", "-c", str(DOWNSTREAM / "finetune_cifar10.yaml"), *on_cpu(run),
+        f"--data.init_args.root={tmp_path / 'data'}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=4",
+        "--model.init_args.backbone=vit_tiny_patch16_224",
+        f"--model.init_args.backbone_kwargs={QUICKSTART_VIT}",
+        "--model.init_args.pool_kwargs=null",  # the quickstart's SimPool has no gamma
+        f"--model.init_args.pretrained_path={ckpt}",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.callbacks+=tests.test_downstream_cli.RecordStart",
+    ])
+    source = torch.load(ckpt, weights_only=True)["state_dict"]
+    start = RecordStart.seen["backbone"]
+    assert start and sorted(start) == sorted(k[len("net.backbone."):] for k in source if k.startswith("net.backbone."))
+    for name, value in start.items():
+        assert torch.equal(value, source["net.backbone." + name]), name
+    assert source["net.head.1.weight"].shape == (4, 96) and RecordStart.seen["head"] == (10, 96)
+
+    # Training moved the weights, and the fine-tuned checkpoint stands on its own.
+    tuned = torch.load(next(run.rglob("last.ckpt")), weights_only=True)
+    assert tuned["global_step"] == 2
+    assert not torch.equal(tuned["state_dict"]["net.backbone.pool.wq.weight"], source["net.backbone.pool.wq.weight"])
+    assert tuned["hyper_parameters"]["pretrained_path"] is None
+
+
+def test_localization_configs_score_a_checkpoint_on_cub_and_voc(tmp_path: Path, capsys) -> None:
+    ckpt = quickstart_checkpoint(tmp_path)
+    make_cub(tmp_path / "data")
+    make_voc(tmp_path / "data")
+    common = [*on_cpu(tmp_path / "eval"), f"--data.init_args.root={tmp_path / 'data'}", "--data.init_args.image_size=32",
+              f"--model.init_args.checkpoint={ckpt}"]
+    capsys.readouterr()
+    main(["test", "-c", str(DOWNSTREAM / "loc_cub.yaml"), *common, "--data.init_args.masks=true"])
+    out = capsys.readouterr().out
+    for key in ("test/MaxBoxAccV2", "test/BoxAcc@0.3", "test/BoxAcc@0.5", "test/BoxAcc@0.7", "test/corloc", "test/mask_iou"):
+        assert key in out, key
+    main(["test", "-c", str(DOWNSTREAM / "corloc_voc07.yaml"), *common])
+    out = capsys.readouterr().out
+    assert "test/corloc" in out and "test/MaxBoxAccV2" in out and "test/mask_iou" not in out

@@ -79,10 +79,6 @@ class LocalizationEvaluator(pl.LightningModule):
         self.corloc = CorLoc(iou_threshold=corloc_iou, mass=mass)
         self.mask_iou = MaskIoU(mass=mass)
 
-    def train(self, mode: bool = True) -> "LocalizationEvaluator":
-        # The evaluated model stays in eval mode (BatchNorm statistics, dropout) whatever Lightning asks.
-        return super().train(False)
-
     def attention_maps(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> the model's attention maps upsampled to the images, ``(B, H, W)`` float32."""
         return self.model.attention_maps(images, size=tuple(images.shape[-2:])).float()

@@ -1,6 +1,7 @@
 """LocalizationEvaluator: hand-checked scores from maps we control, refusal of pools without attention, DINO checkpoints."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -14,18 +15,20 @@ from simpool_lightning.data import VOCDataModule
 from simpool_lightning.evaluation import CorLoc, LocalizationEvaluator
 from simpool_lightning.models import DINO, ImageClassifier
 from tests.data.test_downstream_voc import make_voc
+from tests.isolated import run_isolated
 from tests.models.test_classifier import TINY_VIT, save_lightning_checkpoint
 
 
 class FirstChannelAttention(nn.Module):
-    """A 'model' whose attention map is its input's first channel, so a test draws the map it wants."""
+    """A 'model' whose attention map is its input's first channel (less its minimum), so a test draws the
+    map it wants, and the bright rectangle of a fabricated image is where it attends."""
 
     def features(self, images: Tensor) -> Tensor:
         return images.flatten(1)
 
     def attention_maps(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
         assert size == tuple(images.shape[-2:])
-        return images[:, 0]
+        return images[:, 0] - images[:, 0].amin((1, 2), keepdim=True)
 
 
 def block(x1: int, y1: int, x2: int, y2: int, side: int = 16) -> Tensor:
@@ -111,3 +114,34 @@ def test_a_dino_checkpoint_is_scored_by_its_teachers_maps(tmp_path: Path):
         for batch in data.test_dataloader():
             direct.update(dino.attention_maps(batch["image"], size=(32, 32)), batch["boxes"])
     assert metrics["test/corloc"] == pytest.approx(float(direct.compute()))
+
+
+class LeftHalfAttention(FirstChannelAttention):
+    """Sees only the left half of the image: on the fabricated VOC images it finds the dog and the car,
+    not the tv monitor on the right, so the scores are 2 of 3 and an image counted twice would show."""
+
+    def attention_maps(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        maps = super().attention_maps(images, size)
+        maps[..., maps.shape[-1] // 2 :] = 0
+        return maps
+
+
+def _score_voc(root: str, devices: int) -> dict[str, float]:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.test(LocalizationEvaluator(LeftHalfAttention()), VOCDataModule(root, image_size=32, batch_size=1), verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def two_processes_score_like_one(tmp_dir: str) -> None:
+    make_voc(Path(tmp_dir))
+    one, two = _score_voc(tmp_dir, 1), _score_voc(tmp_dir, 2)  # 3 images: shards of 2 and 1, none padded
+    assert one == two, (one, two)
+    assert one["test/corloc"] == pytest.approx(2 / 3) and one["test/MaxBoxAccV2"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_two_processes_score_like_one(tmp_path: Path):
+    run_isolated("tests.evaluation.test_localization_eval:two_processes_score_like_one", str(tmp_path))

@@ -112,6 +112,9 @@ def test_pretrained_path_from_a_classifier_checkpoint_loads_backbone_and_pool_no
     assert_backbone_equal(tuned.backbone, source.backbone)
     assert_backbone_equal(tuned.ema.module.backbone, source.backbone)  # the EMA starts from the loaded weights
     assert tuned.net.head[1].weight.shape == (7, 32)
+    # gamma is no weight, so the strict load cannot catch it: a warning says the pools differ.
+    with pytest.warns(UserWarning, match="trained with pool='simpool', pool_kwargs=None"):
+        ImageClassifier(*TINY_VIT, pool="simpool", pool_kwargs={"gamma": 2.0}, num_classes=7, pretrained_path=str(path))
 
     # The fine-tuned model's own checkpoint rebuilds without the starting file.
     saved = save_lightning_checkpoint(tuned, tmp_path / "tuned.ckpt")
@@ -168,13 +171,18 @@ def test_pretrained_path_from_official_checkpoints(tmp_path):
         assert torch.equal(value, teacher[official[prefix] + name[len(prefix):]]), name
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_pretrained_path_from_a_plain_timm_state_dict(tmp_path, suffix):
+@pytest.mark.parametrize("layout", ["bare", "deit", "safetensors"])
+def test_pretrained_path_from_a_plain_timm_state_dict(tmp_path, layout):
     from safetensors.torch import save_file
 
-    source = timm.create_model("resnet18", num_classes=10)
-    path = tmp_path / f"resnet18{suffix}"
-    (save_file if suffix == ".safetensors" else torch.save)(source.state_dict(), path)  # with its classifier fc
+    source = timm.create_model("resnet18", num_classes=10)  # with its classifier fc
+    path = tmp_path / ("resnet18.safetensors" if layout == "safetensors" else "resnet18.pth")
+    if layout == "safetensors":
+        save_file(source.state_dict(), path)
+    elif layout == "deit":  # DeiT-style: under 'model', keys from a DDP-wrapped module
+        torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    else:
+        torch.save(source.state_dict(), path)
     loaded = PooledBackbone("resnet18", "gem", pretrained_path=str(path))
     ours = loaded.model.state_dict()
     assert sorted(ours) == sorted(k for k in source.state_dict() if not k.startswith("fc."))

@@ -14,19 +14,17 @@ O(d^2 + N d) per image instead of O(N d^2).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .base import Pool
 from .simpool_mean import simpool_mean
+from .simpool_power import MinMode, power_sum
 from .registry import register_pool
 
 __all__ = ["SimPool", "MinMode"]
-
-MinMode = Literal["batch", "sample", "channel"]
-
 
 @register_pool("simpool")
 class SimPool(Pool):
@@ -118,28 +116,10 @@ class SimPool(Pool):
         # u_h = W_k,h^T q_h: the query folded through the key projection.
         u = torch.einsum("bhc,hcd->bhd", query, wk.view(h, hd, d)) * self.scale  # (B, h, d)
         attn = torch.bmm(u, values.transpose(1, 2)).softmax(-1)  # (B, h, N)
-        shifted = values - self._minimum(values) + self.eps
-        # gamma == 2 is the paper's CNN default; a square is exact and far cheaper than pow.
-        powered = shifted * shifted if self.gamma == 2.0 else shifted.pow(self.gamma)
-        pooled = self._weighted_sum(attn, powered).pow(1.0 / self.gamma)
+        pooled = power_sum(attn, values, self.min_mode, self.eps, self.gamma).pow(1.0 / self.gamma)
         if self.use_beta:
             pooled = pooled + self.beta.float()
         return pooled, attn
-
-    def _weighted_sum(self, attn: Tensor, values: Tensor) -> Tensor:
-        """Head h of the output is attention h applied to channel slice h: ``(B, h, N), (B, N, d) -> (B, d)``."""
-        b, n, d = values.shape
-        if self.num_heads == 1:
-            return torch.bmm(attn, values).view(b, d)
-        return torch.einsum("bhn,bnhc->bhc", attn, values.view(b, n, self.num_heads, self.head_dim)).reshape(b, d)
-
-    def _minimum(self, values: Tensor) -> Tensor:
-        """``m`` per ``min_mode``, broadcastable to ``values`` ``(B, N, d)``."""
-        if self.min_mode == "batch":
-            return values.amin()
-        if self.min_mode == "sample":
-            return values.amin(dim=(1, 2), keepdim=True)
-        return values.amin(dim=1, keepdim=True)
 
     def extra_repr(self) -> str:
         return (

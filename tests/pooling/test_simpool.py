@@ -9,6 +9,7 @@ from timm.layers import SimPool1d, SimPool2d
 from torch import nn
 
 from simpool_lightning.pooling import SimPool, create_pool
+from simpool_lightning.pooling.simpool_power import power_sum
 from tests.reference.official_simpool import OfficialSimPool
 
 DIM = 32
@@ -200,3 +201,26 @@ def test_bad_input_shapes(shape, match):
 def test_unknown_pool_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown pool 'simpoool'; known pools: .*simpool"):
         create_pool("simpoool", DIM)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.25, 2.0, 3.0])
+@pytest.mark.parametrize("num_heads", [1, 3])
+@pytest.mark.parametrize("min_mode", ["batch", "sample", "channel"])
+def test_power_sum_equals_autograd_through_the_formula(gamma, num_heads, min_mode):
+    b, n, d = 2, 5, 6
+    values = torch.randn(b, n, d, dtype=torch.double, requires_grad=True)
+    attn = torch.randn(b, num_heads, n, dtype=torch.double).softmax(-1).requires_grad_()
+    minimum = {
+        "batch": lambda v: v.amin(),
+        "sample": lambda v: v.amin(dim=(1, 2), keepdim=True),
+        "channel": lambda v: v.amin(dim=1, keepdim=True),
+    }[min_mode]
+    shifted = (values - minimum(values) + 1e-6).pow(gamma)
+    expected = torch.einsum("bhn,bnhc->bhc", attn, shifted.view(b, n, num_heads, d // num_heads)).reshape(b, d)
+    ours = power_sum(attn, values, min_mode, 1e-6, gamma)
+    torch.testing.assert_close(ours, expected)
+    grad = torch.randn(b, d, dtype=torch.double)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, (attn, values), grad), torch.autograd.grad(expected, (attn, values), grad)
+    )
+    assert torch.autograd.gradcheck(lambda a, v: power_sum(a, v, min_mode, 0.1, gamma), (attn, values))

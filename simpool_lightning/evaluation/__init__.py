@@ -18,16 +18,23 @@ from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
 from .frozen import FrozenFeatures, load_feature_model
 from .knn_eval import KNNCallback, KNNEvaluator, extract_features, reference_split
 from .linear import LinearProbe
+from .localization_eval import LocalizationEvaluator
+from .retrieval_eval import MULTISCALE, RetrievalEvaluator
+from .robustness import BackgroundRobustnessEvaluator
 
 __all__ = [
+    "MULTISCALE",
     "PROTOCOLS",
+    "BackgroundRobustnessEvaluator",
     "CorLoc",
     "FrozenFeatures",
     "KNNCallback",
     "KNNEvaluator",
     "LinearProbe",
+    "LocalizationEvaluator",
     "MaskIoU",
     "MaxBoxAccV2",
+    "RetrievalEvaluator",
     "average_precision",
     "box_iou",
     "compute_map",

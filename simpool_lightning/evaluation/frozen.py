@@ -1,12 +1,14 @@
 """A trained model as a frozen feature extractor, for k-NN and linear probes on any checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 __all__ = ["FrozenFeatures", "load_feature_model"]
@@ -19,6 +21,21 @@ def _import_class(path: str) -> type:
     if not hasattr(module, name):
         raise ValueError(f"{module.__name__} has no class {name!r} (from model={path!r})")
     return getattr(module, name)
+
+
+@contextlib.contextmanager
+def _own_hyperparameters() -> Iterator[None]:
+    """Let a model built inside another module's ``__init__`` save its own hyperparameters.
+
+    LightningCLI builds the outer module (an evaluator) inside a context that hands its
+    hyperparameters to every ``save_hyperparameters`` call, nested ones included, so a model built
+    by the evaluator would record the evaluator's arguments. Inside this context it records its own.
+    """
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
 
 
 def load_feature_model(
@@ -40,14 +57,16 @@ def load_feature_model(
     """
     if isinstance(model, str):
         cls = _import_class(model)
-        if checkpoint is None:
-            model = cls(**(model_kwargs or {}))
-        else:
+        if checkpoint is not None:
             if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
                 raise TypeError(f"loading a checkpoint needs a LightningModule class, got {model}")
             if not os.path.isfile(checkpoint):
                 raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-            model = cls.load_from_checkpoint(checkpoint, map_location="cpu", **(model_kwargs or {}))
+        with _own_hyperparameters():
+            if checkpoint is None:
+                model = cls(**(model_kwargs or {}))
+            else:
+                model = cls.load_from_checkpoint(checkpoint, map_location="cpu", **(model_kwargs or {}))
     elif checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state.get("state_dict", state))

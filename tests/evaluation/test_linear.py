@@ -98,3 +98,14 @@ def test_load_feature_model_errors(tmp_path):
         load_feature_model("NoSuchModel")
     with pytest.raises(ValueError, match="feature width"):
         LinearProbe(type("F", (nn.Module,), {"features": lambda self, x: x})(), num_classes=4)
+
+
+def test_load_feature_model_keeps_its_own_hyperparameters_under_the_cli_context():
+    # LightningCLI builds an evaluator inside a context that would hand the evaluator's arguments to
+    # every nested save_hyperparameters; the loaded model must record its own.
+    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters_context
+
+    with _given_hyperparameters_context({"k": 20, "checkpoint": None}, "jsonargparse"):
+        model = load_feature_model("ImageClassifier", model_kwargs=dict(backbone="resnet18", num_classes=3))
+    assert model.hparams.backbone == "resnet18" and model.hparams.num_classes == 3
+    assert "k" not in model.hparams and "_instantiator" not in model.hparams

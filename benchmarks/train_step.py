@@ -3,8 +3,9 @@
 For each backbone (ResNet-50, ViT-S/16, ConvNeXt-S) it times forward + backward + AdamW step of
 ``ImageClassifier``'s network with the model's default pooling, SimPool without gamma and SimPool
 with the paper's gamma, and prints images/s, peak memory and both as ratios to the default.
-Each configuration runs in its own subprocess, so that peak memory is that configuration's alone
-(CPU: peak resident set size of the process; CUDA: ``torch.cuda.max_memory_allocated``).
+The three configurations of a backbone are timed in one process, one step of each in turn, so that
+a change in machine load hits all of them alike; peak memory is measured for each configuration
+alone in its own process (CPU: peak resident set size; CUDA: ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/train_step.py                              # CPU, 2 threads, 96 px, batch 8
     python benchmarks/train_step.py --device cuda --image-size 224 --batch 128 --bf16 --channels-last
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 MODELS = {
     # backbone: (default pool, SimPool's gamma in the paper)
@@ -29,20 +30,18 @@ MODELS = {
 }
 
 
-def run_one(args: argparse.Namespace) -> dict[str, float]:
-    """Time one configuration in this process."""
+def build(backbone: str, pool: str, gamma: Optional[float], args: argparse.Namespace) -> Callable[[], None]:
+    """One configuration's training step (forward, backward, AdamW), as a closure."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from simpool_lightning.models import ImageClassifier
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    kwargs = {"img_size": args.image_size} if args.backbone.startswith("vit") else {}
-    pool_kwargs = {"gamma": args.gamma} if args.gamma else None
-    net = ImageClassifier(args.backbone, kwargs, pool=args.pool, pool_kwargs=pool_kwargs, num_classes=1000).net
-    net = net.to(device)
+    kwargs = {"img_size": args.image_size} if backbone.startswith("vit") else {}
+    pool_kwargs = {"gamma": gamma} if gamma else None
+    net = ImageClassifier(backbone, kwargs, pool=pool, pool_kwargs=pool_kwargs, num_classes=1000).net.to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     if args.compile:
@@ -58,23 +57,47 @@ def run_one(args: argparse.Namespace) -> dict[str, float]:
             loss = torch.nn.functional.cross_entropy(net(images), labels)
         loss.backward()
         optimizer.step()
+        sync()
 
+    return step
+
+
+def configurations(backbone: str) -> list[tuple[str, Optional[float]]]:
+    default_pool, gamma = MODELS[backbone]
+    return [(default_pool, None), ("simpool", None), ("simpool", gamma)]
+
+
+def time_interleaved(backbone: str, args: argparse.Namespace) -> list[float]:
+    """Median seconds per step of each configuration, their steps taken in turn (same load for all)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = [build(backbone, pool, gamma, args) for pool, gamma in configurations(backbone)]
     for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
     for _ in range(args.steps):
-        sync()
-        start = time.perf_counter()
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def peak_memory(backbone: str, pool: str, gamma: Optional[float], args: argparse.Namespace) -> float:
+    """Peak MiB of one configuration alone in this process (CPU: peak RSS; CUDA: max allocated)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    step = build(backbone, pool, gamma, args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
         step()
-        sync()
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"images_per_s": args.batch / statistics.median(times), "peak_mb": peak_mb}
+    if args.device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -89,36 +112,40 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
-    # One configuration, run by the parent in a subprocess:
-    parser.add_argument("--backbone", help=argparse.SUPPRESS)
-    parser.add_argument("--pool", help=argparse.SUPPRESS)
-    parser.add_argument("--gamma", type=float, default=None, help=argparse.SUPPRESS)
+    # Run by the parent in a subprocess:
+    parser.add_argument("--time", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.backbone:
-        print(json.dumps(run_one(args)))
+    if args.time:
+        print(json.dumps(time_interleaved(args.time, args)))
+        return
+    if args.memory:
+        backbone, pool, gamma = args.memory
+        print(json.dumps(peak_memory(backbone, pool, float(gamma) or None, args)))
         return
 
     common = [f"--device={args.device}", f"--image-size={args.image_size}", f"--batch={args.batch}",
               f"--steps={args.steps}", f"--warmup={args.warmup}", f"--threads={args.threads}"]
     common += [flag for flag, on in (("--bf16", args.bf16), ("--channels-last", args.channels_last),
                                      ("--compile", args.compile)) if on]
+
+    def child(*extra: str) -> object:
+        out = subprocess.run([sys.executable, __file__, *common, *extra], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.splitlines()[-1])
+
     print(f"# device {args.device}, image {args.image_size}px, batch {args.batch}, {args.threads} threads, "
-          f"bf16 {args.bf16}, channels-last {args.channels_last}, compile {args.compile}; "
-          f"median of {args.steps} steps (forward + backward + AdamW)")
-    print(f"{'backbone':24s} {'pool':18s} {'img/s':>9s} {'peak MB':>9s} {'speed':>7s} {'memory':>7s}")
+          f"bf16 {args.bf16}, channels-last {args.channels_last}, compile {args.compile}; median of {args.steps} "
+          f"steps (forward + backward + AdamW), the configurations' steps interleaved in one process; peak "
+          f"memory of each configuration alone in its own process ({'max allocated' if args.device == 'cuda' else 'peak RSS'})")
+    print(f"{'backbone':24s} {'pool':18s} {'img/s':>9s} {'peak MiB':>9s} {'speed':>7s} {'memory':>7s}")
     for backbone in args.backbones:
-        default_pool, gamma = MODELS[backbone]
-        base: Optional[dict[str, float]] = None
-        for pool, pool_gamma in ((default_pool, None), ("simpool", None), ("simpool", gamma)):
-            cmd = [sys.executable, __file__, *common, f"--backbone={backbone}", f"--pool={pool}"]
-            if pool_gamma:
-                cmd.append(f"--gamma={pool_gamma}")
-            result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            base = base or result
-            label = pool + (f" gamma {pool_gamma}" if pool_gamma else "")
-            print(f"{backbone:24s} {label:18s} {result['images_per_s']:9.2f} {result['peak_mb']:9.0f} "
-                  f"{result['images_per_s'] / base['images_per_s']:6.3f}x {result['peak_mb'] / base['peak_mb']:6.3f}x")
+        seconds = child(f"--time={backbone}")
+        memory = [child("--memory", backbone, pool, str(gamma or 0)) for pool, gamma in configurations(backbone)]
+        for (pool, gamma), sec, mib in zip(configurations(backbone), seconds, memory):
+            label = pool + (f" gamma {gamma}" if gamma else "")
+            print(f"{backbone:24s} {label:18s} {args.batch / sec:9.2f} {mib:9.0f} "
+                  f"{seconds[0] / sec:6.3f}x {mib / memory[0]:6.3f}x")
 
 
 if __name__ == "__main__":

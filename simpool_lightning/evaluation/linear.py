@@ -74,7 +74,6 @@ class LinearProbe(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = F.cross_entropy(self(batch["image"]), batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["label"].shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -209,7 +209,6 @@ class ImageClassifier(pl.LightningModule):
                 "the last checkpoint saved before this step is intact"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -58,12 +58,12 @@ from safetensors.torch import load_file as load_safetensors
 from timm.models import ConvNeXt, ResNet, VisionTransformer
 from torch import Tensor, nn
 
-from .models.backbone import TOKEN_POOL, PooledBackbone
+from .models.backbone import TOKEN_POOL, PooledBackbone, WeightsMismatchError
 from .models.classifier import ImageClassifier
 from .models.dino import DINO
 from .pooling import SimPool
 
-__all__ = ["CheckpointMismatchError", "Kind", "KINDS", "export_official", "load_official"]
+__all__ = ["CheckpointMismatchError", "Kind", "KINDS", "WeightsMismatchError", "export_official", "load_official"]
 
 Kind = Literal["supervised", "timm", "dino"]
 KINDS: tuple[str, ...] = ("supervised", "timm", "dino")
@@ -72,38 +72,8 @@ StateDict = dict[str, Tensor]
 _Rules = tuple[tuple[str, str], ...]  # (our prefix, official prefix), most specific first
 
 
-class CheckpointMismatchError(RuntimeError):
-    """The checkpoint's keys or shapes differ from the model's.
-
-    Attributes:
-        missing: official keys the model needs that the checkpoint lacks.
-        unexpected: checkpoint keys the model has no place for.
-        mismatched: ``(key, checkpoint shape, model shape)`` for keys present in both.
-    """
-
-    _SHOWN = 20  # per list in the message; the attributes keep everything
-
-    def __init__(
-        self,
-        what: str,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
-        hint: str = "",
-    ) -> None:
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        lines = [f"{what} does not fit the model (official key names):"]
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mis-shaped (checkpoint vs model)", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in mismatched]),
-        ):
-            if items:
-                more = f" ... and {len(items) - self._SHOWN} more" if len(items) > self._SHOWN else ""
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[: self._SHOWN])}{more}")
-        if hint:
-            lines.append(hint)
-        super().__init__("\n".join(lines))
+# The name this module raised before the error class moved next to the other weight loading.
+CheckpointMismatchError = WeightsMismatchError
 
 
 # ---------------------------------------------------------------------- layouts
@@ -203,7 +173,7 @@ def _load_official_state(module: nn.Module, state: Mapping[str, Tensor], rules: 
         if k in state and state[k].shape != ours[names[k]].shape
     ]
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(what, missing, unexpected, mismatched, hint)
+        raise WeightsMismatchError(f"{what} (official key names)", missing, unexpected, mismatched, hint)
     module.load_state_dict({names[k]: state[k] for k in names})
 
 
@@ -534,7 +504,7 @@ def load_official(
 
     Raises:
         pickle.UnpicklingError: the file needs ``weights_only=False``.
-        CheckpointMismatchError: keys or shapes differ; lists the missing, unexpected and
+        WeightsMismatchError: keys or shapes differ; lists the missing, unexpected and
             mis-shaped keys.
         ValueError: the architecture or gamma cannot be determined, or the file is not a checkpoint.
     """

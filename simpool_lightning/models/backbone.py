@@ -44,10 +44,10 @@ _OFFICIAL_ENTRIES = ("student", "teacher", "state_dict", "state_dict_ema")
 
 
 class WeightsMismatchError(RuntimeError):
-    """A weights file does not fit the model: its keys or shapes differ.
+    """Weights (a file, a checkpoint) do not fit the model: their keys or shapes differ.
 
     Attributes:
-        path: the file.
+        path: the file, where there is one.
         missing: keys the model needs that the file lacks.
         unexpected: keys of the file the model has no place for.
         mismatched: ``(key, file shape, model shape)`` for keys present in both.
@@ -57,15 +57,15 @@ class WeightsMismatchError(RuntimeError):
 
     def __init__(
         self,
-        path: str,
         what: str,
         missing: list[str],
         unexpected: list[str],
         mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
         hint: str = "",
+        path: Optional[str] = None,
     ) -> None:
         self.path, self.missing, self.unexpected, self.mismatched = path, missing, unexpected, mismatched
-        lines = [f"pretrained_path {path!r} ({what}) does not fit the model:"]
+        lines = [f"{what} does not fit the model:"]
         for title, items in (
             ("missing", missing),
             ("unexpected", unexpected),
@@ -86,7 +86,7 @@ def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: str, what
     unexpected = [k for k in state if k not in ours]
     mismatched = [(k, tuple(state[k].shape), tuple(ours[k].shape)) for k in ours if k in state and state[k].shape != ours[k].shape]
     if missing or unexpected or mismatched:
-        raise WeightsMismatchError(path, what, missing, unexpected, mismatched, hint)
+        raise WeightsMismatchError(f"pretrained_path {path!r} ({what})", missing, unexpected, mismatched, hint, path)
     module.load_state_dict(state)
 
 
@@ -283,7 +283,7 @@ class PooledBackbone(nn.Module):
 
     def _load_official(self, checkpoint: Mapping[str, Any], path: str, name: str, model_kwargs: dict[str, Any], weights_only: bool) -> None:
         """Backbone and pool of an official SimPool checkpoint (supervised; DINO: the teacher)."""
-        from ..interop import CheckpointMismatchError, load_official  # interop builds our models: import it late
+        from ..interop import load_official  # interop builds our models: import it late
         from .dino import DINO
 
         # The architecture is ours; the stochastic depth is not in the weights (and DINO refuses it here).
@@ -305,8 +305,9 @@ class PooledBackbone(nn.Module):
         what = "an official SimPool checkpoint"
         try:
             model = load_official(path, weights_only=weights_only, **kwargs)
-        except CheckpointMismatchError as err:
-            raise WeightsMismatchError(path, f"{what}, official key names", err.missing, err.unexpected, err.mismatched) from err
+        except WeightsMismatchError as err:
+            described = f"pretrained_path {path!r} ({what}, official key names)"
+            raise WeightsMismatchError(described, err.missing, err.unexpected, err.mismatched, path=path) from err
         except (ValueError, NotImplementedError) as err:
             raise type(err)(f"pretrained_path {path!r} ({what}): {err}") from err
         source: PooledBackbone = model.teacher.backbone if isinstance(model, DINO) else model.backbone

@@ -15,7 +15,7 @@ from .localization import (
     threshold_by_value,
 )
 from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
-from .frozen import FrozenFeatures, load_feature_model
+from .frozen import FrozenEvaluator, FrozenFeatures, load_feature_model
 from .knn_eval import KNNCallback, KNNEvaluator, extract_features, reference_split
 from .linear import LinearProbe
 from .localization_eval import LocalizationEvaluator
@@ -27,6 +27,7 @@ __all__ = [
     "PROTOCOLS",
     "BackgroundRobustnessEvaluator",
     "CorLoc",
+    "FrozenEvaluator",
     "FrozenFeatures",
     "KNNCallback",
     "KNNEvaluator",

@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
-__all__ = ["FrozenFeatures", "load_feature_model"]
+__all__ = ["FrozenEvaluator", "FrozenFeatures", "load_feature_model"]
 
 
 def _import_class(path: str) -> type:
@@ -110,3 +110,39 @@ class FrozenFeatures(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> ``(B, D)``."""
         return self.model.features(images)
+
+
+class FrozenEvaluator(pl.LightningModule):
+    """Base of the evaluators run by ``simpool validate|test``: the same work for both stages.
+
+    A subclass implements :meth:`_start` (reset its state; optional), :meth:`_step` (one batch of
+    any of the datamodule's loaders) and :meth:`_end` (compute and log under ``stage``, ``"val"``
+    or ``"test"``).
+    """
+
+    def _start(self) -> None:
+        """Called before the first batch of a ``validate`` or ``test`` run."""
+
+    def _step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _step(batch, dataloader_idx)")
+
+    def _end(self, stage: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement _end(stage)")
+
+    def on_validation_epoch_start(self) -> None:
+        self._start()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._end("test")

@@ -20,19 +20,18 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from ..models.backbone import PooledBackbone
-from .frozen import load_feature_model
+from .frozen import FrozenEvaluator, load_feature_model
 from .localization import CorLoc, MaskIoU, MaxBoxAccV2
 
 __all__ = ["LocalizationEvaluator"]
 
 
-class LocalizationEvaluator(pl.LightningModule):
+class LocalizationEvaluator(FrozenEvaluator):
     """Scores a frozen model's attention maps against ground-truth boxes and masks.
 
     ``validate`` logs under ``val/``, ``test`` under ``test/``: ``MaxBoxAccV2`` and
@@ -83,7 +82,7 @@ class LocalizationEvaluator(pl.LightningModule):
         """``(B, 3, H, W)`` -> the model's attention maps upsampled to the images, ``(B, H, W)`` float32."""
         return self.model.attention_maps(images, size=tuple(images.shape[-2:])).float()
 
-    def _update(self, batch: dict[str, Any]) -> None:
+    def _step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
         if "boxes" not in batch and "mask" not in batch:
             raise ValueError(f"localization needs batches with 'boxes' or 'mask'; this batch has {sorted(batch)}")
         maps = self.attention_maps(batch["image"])
@@ -93,7 +92,7 @@ class LocalizationEvaluator(pl.LightningModule):
         if "mask" in batch:
             self.mask_iou.update(maps, batch["mask"])
 
-    def _log_epoch(self, stage: str) -> None:
+    def _end(self, stage: str) -> None:
         scores: dict[str, Tensor] = {}
         metrics: dict[str, Metric] = {"box_acc": self.box_acc, "corloc": self.corloc, "mask_iou": self.mask_iou}
         for name, metric in metrics.items():
@@ -103,14 +102,3 @@ class LocalizationEvaluator(pl.LightningModule):
             metric.reset()
         self.log_dict({f"{stage}/{name}": value for name, value in scores.items()}, prog_bar=True)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._update(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._update(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")

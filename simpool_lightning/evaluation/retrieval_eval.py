@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .frozen import FrozenFeatures, load_feature_model
+from .frozen import FrozenEvaluator, FrozenFeatures, load_feature_model
 from .knn import gather_features
 from .retrieval import revisited_map
 
@@ -74,7 +73,7 @@ def _in_dataset_order(features: Tensor, indices: Tensor, names: Sequence[str], w
     return ordered
 
 
-class RetrievalEvaluator(pl.LightningModule):
+class RetrievalEvaluator(FrozenEvaluator):
     """mAP of a frozen model's features on revisited Oxford or Paris.
 
     ``test`` (or ``validate``) with a :class:`~simpool_lightning.data.RevisitedRetrievalDataModule`
@@ -147,21 +146,3 @@ class RetrievalEvaluator(pl.LightningModule):
         result = revisited_map(queries, database, datamodule.gnd, protocols=("easy", "medium", "hard"))
         metrics = {f"{stage}/mAP_{protocol}": value for protocol, value in result.items()}
         self.log_dict(metrics, add_dataloader_idx=False)
-
-    def on_validation_epoch_start(self) -> None:
-        self._start()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._end("test")

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import pytorch_lightning as pl
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from ..data.imagenet9 import IN9_CLASSES, IN9_VARIANTS, predict_in9
-from .frozen import load_feature_model
+from .frozen import FrozenEvaluator, load_feature_model
 
 __all__ = ["BackgroundRobustnessEvaluator"]
 
 IN1K_CLASSES = 1000
 
 
-class BackgroundRobustnessEvaluator(pl.LightningModule):
+class BackgroundRobustnessEvaluator(FrozenEvaluator):
     """Top-1 accuracy of a frozen classifier on every ImageNet-9 variant, and the BG-gap.
 
     ``test`` (or ``validate``) with an :class:`~simpool_lightning.data.ImageNet9DataModule` logs,
@@ -98,21 +97,3 @@ class BackgroundRobustnessEvaluator(pl.LightningModule):
         if "mixed_same" in accuracy and "mixed_rand" in accuracy:
             metrics[f"{stage}/bg_gap"] = accuracy["mixed_same"] - accuracy["mixed_rand"]
         self.log_dict(metrics, add_dataloader_idx=False)
-
-    def on_validation_epoch_start(self) -> None:
-        self._start()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._end("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._start()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._step(batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._end("test")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from simpool_lightning.cli import main
 from simpool_lightning.data.synthetic import SHAPE_NAMES
@@ -14,17 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
+def quickstart_in(tmp_path: Path) -> str:
+    """The quickstart config with every path under ``runs/quickstart`` moved to ``tmp_path``."""
+    config = tmp_path / "quickstart.yaml"
+    text = Path(QUICKSTART).read_text()
+    assert text.count("runs/quickstart") >= 4  # root, logger, the checkpoint folders
+    config.write_text(text.replace("runs/quickstart", str(tmp_path)))
+    return str(config)
+
+
 def short(tmp_path: Path) -> list[str]:
     """Overrides that make the quickstart a few seconds long and write under tmp_path."""
     return [
-        "-c", QUICKSTART,
+        "-c", quickstart_in(tmp_path),
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",
         "--trainer.limit_predict_batches=1",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--data.init_args.train_size=64",
         "--data.init_args.val_size=32",
         "--data.init_args.batch_size=16",
@@ -35,7 +43,7 @@ def short(tmp_path: Path) -> list[str]:
 
 def test_fit_validate_test_predict(tmp_path, capsys):
     main(["fit", *short(tmp_path)])
-    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     assert (tmp_path / "version_0" / "config.yaml").is_file()
     for command in ("validate", "test"):
@@ -56,6 +64,15 @@ def test_fit_validate_test_predict(tmp_path, capsys):
     assert {row["label"] for row in rows} <= set(SHAPE_NAMES[:4])
 
 
+def test_second_fit_continues_from_the_first_with_ckpt_path_last(tmp_path):
+    main(["fit", *short(tmp_path)])  # one epoch of 2 steps
+    first_epoch = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
+    written = first_epoch.stat().st_mtime_ns
+    main(["fit", *short(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert first_epoch.stat().st_mtime_ns == written  # epoch 0 was not trained (and saved) again
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -69,7 +86,7 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, capsys, overr
     with pytest.raises((SystemExit, ValueError)) as err:
         main(["fit", *short(tmp_path), override])
     assert message in capsys.readouterr().err + str(err.value)
-    assert not (tmp_path / "version_0" / "checkpoints").exists()  # nothing trained
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
 
 
 def test_unknown_key_in_a_config_file_is_an_error(tmp_path, capsys):

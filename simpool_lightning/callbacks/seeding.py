@@ -27,17 +27,17 @@ class SeedEveryStep(pl.Callback):
         if seed is not None and seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.seed = seed
+        self._run_seed: Optional[int] = None  # this fit's: the argument, the global seed, or the checkpoint's
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.seed is None:
-            self.seed = global_seed()
+        self._run_seed = global_seed() if self.seed is None else self.seed
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        assert self.seed is not None  # set in setup()
-        seed_all(derive_seed(self.seed, MODEL_STREAM, trainer.global_rank, trainer.current_epoch, batch_idx))
+        assert self._run_seed is not None  # set in setup()
+        seed_all(derive_seed(self._run_seed, MODEL_STREAM, trainer.global_rank, trainer.current_epoch, batch_idx))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        return {"seed": self._run_seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = state_dict["seed"]
+        self._run_seed = state_dict["seed"]  # Lightning restores callbacks after setup()

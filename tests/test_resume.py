@@ -84,13 +84,20 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+class StrayTrainLoader(pl.Callback):
+    """Asks the DataModule for a new training loader and leaves it unused, as KNNCallback does."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        trainer.datamodule.train_dataloader()
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def reference(request, tmp_path_factory) -> dict[str, Any]:
     """The uninterrupted fit, with a checkpoint after every step and at the end of every epoch."""
     root = tmp_path_factory.mktemp(f"reference_{request.param}")
     every_step = ModelCheckpoint(dirpath=root / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1)
     every_epoch = ModelCheckpoint(dirpath=root / "epochs", filename="{epoch}", save_top_k=-1)
-    state, metrics, _ = fit(request.param, root, [every_step, every_epoch])
+    state, metrics, _ = fit(request.param, root, [every_step, every_epoch, StrayTrainLoader()])
     return {"kind": request.param, "root": root, "state": state, "metrics": metrics}
 
 
@@ -168,18 +175,19 @@ def test_loader_continues_an_epoch_where_the_checkpoint_left_it():
     whole = batches(data.train_dataloader(), epoch=1)
     assert len(whole) == STEPS_PER_EPOCH
 
-    first = classifier_data()
-    batches(first.train_dataloader(), epoch=1, count=1)
-    state = first.state_dict()
-    assert state == {"train_loader": {"seed": 0, "epoch": 1, "batches": 1, "batch_size": 16, "num_replicas": 1}}
+    loader = classifier_data().train_dataloader()
+    batches(loader, epoch=1, count=1)
+    position = loader.position()
+    assert position == {"seed": 0, "epoch": 1, "batches": 1, "batch_size": 16, "num_replicas": 1}
 
-    second = classifier_data()  # resumed, then interrupted again one batch later
-    second.load_state_dict(state)
-    assert_same_batches(batches(second.train_dataloader(), epoch=1, count=1), whole[1:2])
-    assert second.state_dict()["train_loader"]["batches"] == 2
+    second = classifier_data()  # resumed through the DataModule's state, then interrupted again a batch later
+    second.load_state_dict({"train_loader": position})
+    loader = second.train_dataloader()
+    assert_same_batches(batches(loader, epoch=1, count=1), whole[1:2])
+    assert loader.position()["batches"] == 2
 
     third = classifier_data()
-    third.load_state_dict(second.state_dict())
+    third.load_state_dict({"train_loader": loader.position()})
     assert_same_batches(batches(third.train_dataloader(), epoch=1), whole[2:])
     # The position applies to its own epoch only; the next epoch starts from its first batch.
     assert len(batches(third.train_dataloader(), epoch=2)) == STEPS_PER_EPOCH
@@ -203,9 +211,9 @@ def test_loading_leaves_the_global_generators_alone():
 
 
 def test_mid_epoch_position_needs_the_same_batch_size():
-    first = classifier_data()
-    batches(first.train_dataloader(), epoch=0, count=1)
+    loader = classifier_data().train_dataloader()
+    batches(loader, epoch=0, count=1)
     other = SyntheticShapesDataModule(num_classes=4, image_size=32, train_size=64, val_size=16, batch_size=8)
-    other.load_state_dict(first.state_dict())
+    other.load_state_dict({"train_loader": loader.position()})
     with pytest.raises(ValueError, match=r"mid-epoch with batch_size=16 and this run has batch_size=8"):
         batches(other.train_dataloader(), epoch=0)

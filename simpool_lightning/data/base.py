@@ -230,11 +230,13 @@ class BaseDataModule(pl.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
-        self._train_loader: Optional[ResumableLoader] = None
         self._resume_position: Optional[dict[str, int]] = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._train_loader is None else {"train_loader": self._train_loader.position()}
+        # The loader the fit iterates, not the newest train_dataloader() (KNNCallback asks for one
+        # for its reference set at epoch ends).
+        loader = None if self.trainer is None else self.trainer.train_dataloader
+        return {"train_loader": loader.position()} if isinstance(loader, ResumableLoader) else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_loader" not in state_dict:
@@ -272,7 +274,6 @@ class BaseDataModule(pl.LightningDataModule):
         if self._resume_position is not None:
             loader.resume(self._resume_position)
             self._resume_position = None
-        self._train_loader = loader
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simpool_lightning.cli import main
 from simpool_lightning.data.synthetic import SHAPE_NAMES
@@ -66,11 +67,12 @@ def test_fit_validate_test_predict(tmp_path, capsys):
 
 def test_second_fit_continues_from_the_first_with_ckpt_path_last(tmp_path):
     main(["fit", *short(tmp_path)])  # one epoch of 2 steps
-    first_epoch = tmp_path / "checkpoints" / "epoch=0-step=2.ckpt"
-    written = first_epoch.stat().st_mtime_ns
     main(["fit", *short(tmp_path), "--trainer.max_epochs=2", "--ckpt_path=last"])
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
-    assert first_epoch.stat().st_mtime_ns == written  # epoch 0 was not trained (and saved) again
+    # The second fit (its own TensorBoard version) trained and validated epoch 1 alone.
+    events = EventAccumulator(str(tmp_path / "version_1"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("epoch")] == [1.0]
 
 
 @pytest.mark.parametrize(

@@ -106,8 +106,9 @@ def fit_to_the_end(root: Path, *args: str) -> tuple[dict[str, torch.Tensor], dic
     final last.ckpt and the metrics it ended with."""
     record = f"    - class_path: tests.test_reliability.RecordMetrics\n      init_args: {{path: {root / 'metrics.json'}}}\n"
     main(["fit", "-c", str(quickstart_config(root, every_n_train_steps=2, extra_callback=record)), *SHORT, *args])
-    weights = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    return weights, json.loads((root / "metrics.json").read_text())
+    last = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 12  # last.ckpt is the end of training (2 epochs of 6 steps)
+    return last["state_dict"], json.loads((root / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from simpool_lightning.callbacks import PreemptionCheckpoint, SeedEveryStep
 from simpool_lightning.cli import main
 from tests.isolated import ROOT, run_isolated
-from tests.test_resume import SigtermAt, assert_same_weights, classifier, classifier_data, dino, dino_data
+from tests.test_resume import assert_same_weights, classifier, classifier_data, dino, dino_data
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 # The quickstart shrunk: one block, 96 training images in batches of 16 (6 steps an epoch), 2 epochs.

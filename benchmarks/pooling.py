@@ -2,7 +2,8 @@
 
 Every pool of the registry is timed beside GAP + LayerNorm (the cheapest head that normalises
 every location, which SimPool must) and the official form of SimPool (tests/reference), in one
-run, and printed as median milliseconds and as a ratio to GAP + LayerNorm.
+run, the heads taking turns step by step so that a change in machine load hits all of them alike,
+and printed as median milliseconds and as a ratio to GAP + LayerNorm.
 
     python benchmarks/pooling.py                       # all pools, CPU, 2 threads
     python benchmarks/pooling.py --pools simpool avg --gamma 1.25
@@ -50,11 +51,10 @@ class OfficialForm(OfficialSimPool):
         return super().forward(x)[0]
 
 
-def time_head(
-    head: nn.Module, x: Tensor, repeats: int, warmup: int, autocast: Optional[torch.dtype]
-) -> float:
-    """Median milliseconds of forward + backward of ``head`` on ``x``."""
+def make_step(head: nn.Module, x: Tensor, autocast: Optional[torch.dtype]) -> Callable[[], None]:
+    """One forward + backward of ``head`` on ``x``, synchronised on CUDA."""
     grad = None
+    sync: Callable[[], None] = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def step() -> None:
         nonlocal grad
@@ -65,18 +65,23 @@ def time_head(
         if grad is None:
             grad = torch.randn_like(out)
         out.backward(grad)
+        sync()
 
-    sync: Callable[[], None] = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    return step
+
+
+def time_heads(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of each step; the heads take turns, so that load changes hit all alike."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -114,15 +119,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         for name in pools:
             heads[name] = create_pool(name, dim, **(gamma_kwargs if name == "simpool" else {}))
         print(f"\n## {shape_name} {tuple(shape)}" + (f", simpool gamma {args.gamma}" if args.gamma else ""))
-        base = None
+        steps = {}
         for name, head in heads.items():
             head = head.to(args.device)
-            if args.compile:
-                head = torch.compile(head)
-            ms = time_head(head, x, args.repeats, args.warmup, autocast)
-            base = base or ms
+            steps[name] = make_step(torch.compile(head) if args.compile else head, x, autocast)
+        times = time_heads(steps, args.repeats, args.warmup)
+        base = times["gap+layernorm"]
+        for name, ms in times.items():
             print(f"{name:>18s} {ms:9.2f} ms {ms / base:6.2f}x")
-
 
 if __name__ == "__main__":
     main()

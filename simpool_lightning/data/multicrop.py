@@ -48,6 +48,12 @@ class MultiCropTransform(nn.Module):
         local_crops_number: local crops per image; 0 disables multi-crop.
         global_size: side of the global crops (224).
         local_size: side of the local crops (96).
+        color_jitter: ``(brightness, contrast, saturation, hue)`` of the colour jitter (DINO:
+            ``(0.4, 0.4, 0.2, 0.1)``). Where colour says nothing about the content (SyntheticShapes
+            draws hues at random), a full hue jitter (0.5) keeps the views from matching by colour.
+        blur_radius: range of the Gaussian blur radius, in pixels of the output crop. DINO's
+            ``(0.1, 2.0)`` is for 224 and 96 px crops; on a 32 px crop the same radius blurs seven
+            times as much of the image, so scale it with the crop size for small images.
         mean, std: normalisation of the output crops.
 
     The input ``image`` may be a PIL image, a uint8 tensor or a float tensor in ``[0, 1]``
@@ -56,8 +62,8 @@ class MultiCropTransform(nn.Module):
     uncropped image and match none of the crops; other entries (``label``) pass through.
 
     Augmentations (DINO): random resized crop (bicubic), horizontal flip 0.5, colour jitter
-    (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8, grayscale 0.2, Gaussian
-    blur (radius 0.1-2.0) with p 1.0 / 0.1 / 0.5 for global 1 / global 2 / local, and
+    (``color_jitter``) with p 0.8, grayscale 0.2, Gaussian blur (``blur_radius``) with p 1.0 /
+    0.1 / 0.5 for global 1 / global 2 / local, and
     solarisation (threshold 128) with p 0.2 on the second global crop only.
     """
 
@@ -68,6 +74,8 @@ class MultiCropTransform(nn.Module):
         local_crops_number: int = 6,
         global_size: int = 224,
         local_size: int = 96,
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        blur_radius: tuple[float, float] = (0.1, 2.0),
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
@@ -79,6 +87,10 @@ class MultiCropTransform(nn.Module):
             raise ValueError(
                 f"need local_crops_number >= 0 and positive sizes, got {local_crops_number=}, {global_size=}, {local_size=}"
             )
+        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+            raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {color_jitter}")
+        if not 0 <= blur_radius[0] <= blur_radius[1]:
+            raise ValueError(f"blur_radius must be (low, high) with 0 <= low <= high, got {blur_radius}")
         self.local_crops_number = local_crops_number
         self.to_pil = v2.ToPILImage()
 
@@ -86,9 +98,9 @@ class MultiCropTransform(nn.Module):
             ops: list[nn.Module] = [
                 v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
                 v2.RandomHorizontalFlip(0.5),
-                v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                v2.RandomApply([v2.ColorJitter(*color_jitter)], p=0.8),
                 v2.RandomGrayscale(0.2),
-                v2.RandomApply([PILGaussianBlur()], p=blur),
+                v2.RandomApply([PILGaussianBlur(tuple(blur_radius))], p=blur),
             ]
             if solarize > 0:
                 ops.append(v2.RandomSolarize(128, p=solarize))

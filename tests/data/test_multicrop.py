@@ -58,9 +58,29 @@ def test_dino_recipe_per_view():
         (_, gray), = ops(view, v2.RandomGrayscale)
         assert gray.p == 0.2
     assert [ops(v, PILGaussianBlur)[0][0].p for v in (transform.global_1, transform.global_2, transform.local)] == [1.0, 0.1, 0.5]
+    assert all(ops(v, PILGaussianBlur)[0][1].radius == (0.1, 2.0) for v in (transform.global_1, transform.global_2, transform.local))
     # Solarisation on the second global crop only.
     assert [len(ops(v, v2.RandomSolarize)) for v in (transform.global_1, transform.global_2, transform.local)] == [0, 1, 0]
     assert ops(transform.global_2, v2.RandomSolarize)[0][1].p == 0.2
+
+
+def test_colour_jitter_and_blur_radius_for_small_images():
+    # Every view takes them; a full hue jitter and a radius scaled to a 32 px crop (the quickstart).
+    transform = MultiCropTransform(local_crops_number=1, global_size=32, local_size=16, color_jitter=(0.3, 0.2, 0.4, 0.5), blur_radius=(0.02, 0.3))
+    for view in (transform.global_1, transform.global_2, transform.local):
+        (jitter,) = [t for op in view.transforms if isinstance(op, v2.RandomApply) for t in op.transforms if isinstance(t, v2.ColorJitter)]
+        assert jitter.brightness == (0.7, 1.3) and jitter.contrast == (0.8, 1.2) and jitter.saturation == (0.6, 1.4) and jitter.hue == (-0.5, 0.5)
+        (blur,) = [t for op in view.transforms if isinstance(op, v2.RandomApply) for t in op.transforms if isinstance(t, PILGaussianBlur)]
+        assert blur.radius == (0.02, 0.3)
+    # The radius is in output pixels: DINO's 2 px on a 32 px crop wipes out a thin bar, 0.3 px keeps it.
+    bar = Image.new("RGB", (32, 32))
+    bar.paste((255, 255, 255), (15, 0, 17, 32))
+    peak = {r: np.asarray(PILGaussianBlur((r, r))(bar))[:, 15:17].max() for r in (0.3, 2.0)}
+    assert peak[0.3] > 230 and peak[2.0] < 120, peak
+    with pytest.raises(ValueError, match="color_jitter"):
+        MultiCropTransform(color_jitter=(0.4, 0.4, 0.2, 0.7))
+    with pytest.raises(ValueError, match="blur_radius"):
+        MultiCropTransform(blur_radius=(2.0, 0.1))
 
 
 def test_random_per_call_and_reproducible_from_torch_seed():

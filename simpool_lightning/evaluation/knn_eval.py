@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from .accuracy import topk_values
 from .frozen import FrozenFeatures, load_feature_model
 from .knn import gather_features, knn_classify
 
@@ -97,7 +98,7 @@ def extract_features(
 
 
 class KNNEvaluator(pl.LightningModule):
-    """Weighted k-NN accuracy of a frozen model's ``features``: ``validate`` logs ``knn/acc1`` and ``knn/acc5``.
+    """Weighted k-NN accuracy of a frozen model's ``features``: ``validate`` logs ``knn/acc1`` and (more than 5 classes) ``knn/acc5``.
 
     Args:
         model, checkpoint, model_kwargs: the feature model, as for
@@ -141,7 +142,7 @@ class KNNEvaluator(pl.LightningModule):
         self._references = extract_features(self.encoder, dataset, like, self.device, self.global_rank, self.trainer.world_size)
         num_classes = self.hparams.num_classes or int(self._references[1].max()) + 1
         self._metrics = nn.ModuleList(
-            MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for top_k in (1, min(5, num_classes))
+            MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for top_k in topk_values(num_classes)
         ).to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -198,7 +199,7 @@ class KNNCallback(pl.Callback):
         pl_module.log_dict(
             {
                 f"knn/acc{top_k}": multiclass_accuracy(probs, query_labels, num_classes, top_k=top_k, average="micro")
-                for top_k in (1, min(5, num_classes))
+                for top_k in topk_values(num_classes)
             },
             prog_bar=True,
         )

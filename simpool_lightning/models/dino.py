@@ -81,7 +81,12 @@ class DINO(pl.LightningModule):
         placement: where the pool reads a ViT's tokens. ``None`` picks ``"before_norm"`` (pool the
             tokens, then the final norm, as the official DINO fork) for a model with a final norm
             and a pool other than ``token``, and ``"after_norm"`` otherwise (CNNs).
-        pretrained, pretrained_path: initialise both networks from timm's weights or a local file.
+        pretrained: initialise both networks from timm's pretrained weights.
+        pretrained_path: initialise both networks' backbone and pool from this file instead: an
+            ``ImageClassifier`` or ``DINO`` checkpoint, an official SimPool checkpoint or a plain
+            timm state dict, loaded strictly (see :class:`~simpool_lightning.models.PooledBackbone`).
+        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``;
+            official checkpoints hold an ``argparse.Namespace`` and need ``False`` (a file you trust).
         drop_path_rate: the student's stochastic depth; the teacher has none, as in DINO.
         out_dim: prototypes ``K`` of the head (65536 for ViT-S, 60000 for ResNet-50 in the paper).
         use_bn_in_head: BatchNorm in the head's MLP (DINO's ResNet-50 recipe).
@@ -123,6 +128,7 @@ class DINO(pl.LightningModule):
         placement: Optional[PoolPlacement] = None,
         pretrained: bool = False,
         pretrained_path: Optional[str] = None,
+        pretrained_weights_only: bool = True,
         drop_path_rate: float = 0.1,
         out_dim: int = 65536,
         use_bn_in_head: bool = False,
@@ -169,7 +175,10 @@ class DINO(pl.LightningModule):
             model_kwargs["dynamic_img_size"] = True
 
         def network(**extra: Any) -> MultiCropNet:
-            net = PooledBackbone(backbone, pool, pool_kwargs, placement, pretrained, pretrained_path, **model_kwargs, **extra)
+            net = PooledBackbone(
+                backbone, pool, pool_kwargs, placement, pretrained, pretrained_path,
+                weights_only=pretrained_weights_only, **model_kwargs, **extra,
+            )
             head = DINOHead(
                 net.out_dim, out_dim, use_bn_in_head, norm_last_layer, head_layers, head_hidden_dim, head_bottleneck_dim
             )
@@ -202,6 +211,10 @@ class DINO(pl.LightningModule):
         return attention_to_maps(backbone.forward_with_attention(images)[1], size)
 
     # ------------------------------------------------------------------ schedules
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The weights are in the checkpoint: reloading it must not read the starting file again.
+        checkpoint["hyper_parameters"].update(pretrained=False, pretrained_path=None)
 
     def on_train_start(self) -> None:
         total = self.trainer.estimated_stepping_batches

@@ -81,7 +81,7 @@ def test_knn_separates_informative_from_uninformative_features():
     good = knn_validate(Informative(), num_classes=4)
     bad = knn_validate(Uninformative())  # num_classes from the labels
     # 1.0 also says that the references came without the training transform, which scrambles them.
-    assert good["knn/acc1"] == 1.0 and good["knn/acc4"] == 1.0
+    assert good["knn/acc1"] == 1.0 and "knn/acc4" not in good and "knn/acc5" not in good  # top-5 of 4 classes says nothing
     assert bad["knn/acc1"] < 0.45  # chance is 0.25
 
 
@@ -143,8 +143,8 @@ def test_two_processes_give_the_single_process_accuracy():
 @pytest.mark.slow
 def test_knn_of_a_briefly_trained_checkpoint_beats_random_initialisation(tmp_path):
     # The CLI path on a real checkpoint: a briefly trained classifier's features, loaded by class
-    # path, against the same network untrained. (DINO itself needs far longer than a test to beat
-    # random features: see configs/dino/quickstart.yaml.)
+    # path, against the same network untrained. (DINO's own recipe against random features:
+    # tests/models/test_dino.py::test_briefly_trained_dino_beats_random_initialisation_in_knn.)
     from simpool_lightning.data import SyntheticShapesDataModule
     from simpool_lightning.models import ImageClassifier
 

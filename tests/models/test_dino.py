@@ -253,6 +253,30 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.equal(model.criterion.center, torch.zeros_like(model.criterion.center))
 
 
+
+def test_pretrained_path_starts_student_and_teacher_and_is_not_read_again(tmp_path):
+    from simpool_lightning.models import ImageClassifier
+
+    torch.manual_seed(0)
+    source = ImageClassifier(*VIT, pool="simpool", placement="before_norm", num_classes=4)
+    t = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    t.strategy.connect(source)
+    t.save_checkpoint(tmp_path / "source.ckpt")
+    model = tiny_dino(pretrained_path=str(tmp_path / "source.ckpt"))
+    for net in (model.student, model.teacher):
+        for name, value in source.backbone.state_dict().items():
+            assert torch.equal(net.backbone.state_dict()[name], value), name
+
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, filename="dino")
+    trainer(tmp_path, limit_train_batches=1, enable_checkpointing=True, callbacks=[ckpt]).fit(model, loader(FixedCrops(), 4))
+    (tmp_path / "source.ckpt").unlink()
+    hp = torch.load(ckpt.best_model_path, weights_only=True)["hyper_parameters"]
+    assert hp["pretrained_path"] is None and hp["pretrained"] is False
+    loaded = DINO.load_from_checkpoint(ckpt.best_model_path)  # rebuilds without the deleted file
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval().features(images), model.eval().features(images))
+
+
 # ---------------------------------------------------------------------- DDP
 
 

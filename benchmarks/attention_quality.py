@@ -14,7 +14,9 @@ hundred steps, so much shorter runs say nothing.
 
 Prints one row per pooling: validation top-1 accuracy, mask IoU, CorLoc, and the training time, as
 wall time and as CPU time of this process (all its threads): on a shared machine the CPU time is
-the fairer comparison, since the wall time also counts other processes' turns.
+the fairer comparison, since the wall time also counts other processes' turns. Two rows of maps
+that look at no image follow, a uniform map and a centred Gaussian: what a learned map must beat
+to show that it finds the object (``--pools`` with no names prints only those).
 """
 from __future__ import annotations
 
@@ -30,12 +32,13 @@ import pytorch_lightning as pl
 import torch
 
 from simpool_lightning.data import SyntheticShapesDataModule
+from simpool_lightning.evaluation import CorLoc, MaskIoU
 from simpool_lightning.models import ImageClassifier
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pools", nargs="+", default=["token", "avg", "simpool"], help="'token' or names from list_pools()")
+    p.add_argument("--pools", nargs="*", default=["token", "avg", "simpool"], help="'token' or names from list_pools()")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--val-size", type=int, default=1000)
@@ -115,17 +118,47 @@ def run(pool: str, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def prior_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Maps that look at no image: uniform, and a centred Gaussian (sigma a quarter of the side).
+
+    What a map must beat before it says anything about the object: SyntheticShapes draws objects
+    around the centre, so a centre prior alone scores well.
+    """
+    data = SyntheticShapesDataModule(
+        num_classes=args.num_classes, image_size=args.image_size, train_size=args.batch_size,
+        val_size=args.val_size, seed=args.seed, batch_size=args.batch_size,
+    )
+    data.setup("validate")
+    side = torch.arange(args.image_size, dtype=torch.float32) - (args.image_size - 1) / 2
+    yy, xx = torch.meshgrid(side, side, indexing="ij")
+    priors = {
+        "uniform map": torch.ones(args.image_size, args.image_size),
+        "centre prior": torch.exp(-(xx**2 + yy**2) / (2 * (args.image_size / 4) ** 2)),
+    }
+    rows = []
+    for name, prior in priors.items():
+        mask_iou, corloc = MaskIoU(mass=args.mass), CorLoc(mass=args.mass)
+        for batch in data.val_dataloader():
+            maps = (prior / prior.sum()).expand(batch["image"].shape[0], -1, -1)
+            mask_iou.update(maps, batch["mask"])
+            corloc.update(maps, batch["boxes"])
+        rows.append(dict(pool=name, params=None, acc=None, mask_iou=float(mask_iou.compute()),
+                         corloc=float(corloc.compute()), seconds=None, cpu_seconds=None))
+    return rows
+
+
 def table(rows: list[dict[str, Any]], mass: float) -> str:
-    def cell(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    def cell(value: Optional[float], fmt: str = ".3f") -> str:
+        return "-" if value is None else format(value, fmt)
 
     lines = [
-        f"| pool | params | val acc | mask IoU ({mass:.0%} mass) | CorLoc ({mass:.0%} mass) | train wall time (s) | train CPU time (s) |",
+        f"| pool | params (M) | val acc | mask IoU ({mass:.0%} mass) | CorLoc ({mass:.0%} mass) | train wall time (s) | train CPU time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['pool']} | {r['params'] / 1e6:.2f} M | {cell(r['acc'])} | {cell(r['mask_iou'])} | {cell(r['corloc'])} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} |"
+            f"| {r['pool']} | {cell(r['params'] and r['params'] / 1e6, '.2f')} | {cell(r['acc'])} | {cell(r['mask_iou'])} "
+            f"| {cell(r['corloc'])} | {cell(r['seconds'], '.0f')} | {cell(r['cpu_seconds'], '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -146,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for pool in args.pools:
         rows.append(run(pool, args))
         print(f"# {pool}: done in {rows[-1]['seconds']:.0f} s", flush=True)
-    print(table(rows, args.mass))
+    print(table(rows + prior_rows(args), args.mass))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
 import warnings
 from dataclasses import dataclass
@@ -54,11 +53,10 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 import timm
 import torch
-from safetensors.torch import load_file as load_safetensors
 from timm.models import ConvNeXt, ResNet, VisionTransformer
 from torch import Tensor, nn
 
-from .models.backbone import TOKEN_POOL, PooledBackbone, WeightsMismatchError
+from .models.backbone import TOKEN_POOL, PooledBackbone, WeightsMismatchError, read_weights
 from .models.classifier import ImageClassifier
 from .models.dino import DINO
 from .pooling import SimPool
@@ -181,21 +179,8 @@ def _load_official_state(module: nn.Module, state: Mapping[str, Tensor], rules: 
 
 
 def _read(path: Union[str, os.PathLike], weights_only: bool) -> Any:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {os.fspath(path)!r}")
-    if os.fspath(path).endswith(".safetensors"):  # timm's hub format: tensors only, nothing to unpickle
-        return load_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        if not weights_only:
-            raise
-        raise pickle.UnpicklingError(
-            f"{os.fspath(path)!r} holds more than tensors and plain containers (official checkpoints store their "
-            f"training args as an argparse.Namespace), which weights_only=True refuses to unpickle. Unpickling can "
-            f"run arbitrary code: only if you trust this file, pass weights_only=False. torch said: "
-            f"{str(err).splitlines()[0]}"
-        ) from err
+    path = os.fspath(path)
+    return read_weights(path, weights_only, f"checkpoint {path!r}", "pass weights_only=False")
 
 
 def _strip(state: Mapping[str, Tensor], prefix: str) -> StateDict:

@@ -98,9 +98,19 @@ class _TimmWeights:
     state: dict[str, Tensor]
 
 
-def _read_weights(path: str, weights_only: bool) -> Any:
+def read_weights(path: str, weights_only: bool, what: str, opt_out: str) -> Any:
+    """Read a weights file (``.safetensors``, or anything ``torch.load`` reads) onto the CPU.
+
+    Args:
+        path: the file. ``what``: how errors name it (``"pretrained_path 'x.pth'"``).
+        weights_only: refuse to unpickle anything but tensors and plain containers.
+        opt_out: how the caller turns ``weights_only`` off, for the refusal's message.
+
+    Raises:
+        FileNotFoundError: no such file. ``pickle.UnpicklingError``: ``weights_only`` refused it.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained_path {path!r} does not exist")
+        raise FileNotFoundError(f"{what} does not exist")
     if path.endswith(".safetensors"):  # tensors only, nothing to unpickle
         return load_safetensors(path)
     try:
@@ -109,10 +119,9 @@ def _read_weights(path: str, weights_only: bool) -> Any:
         if not weights_only:
             raise
         raise pickle.UnpicklingError(
-            f"pretrained_path {path!r} holds more than tensors and plain containers (official SimPool checkpoints "
-            f"store their training args as an argparse.Namespace), which weights_only=True refuses to unpickle. "
-            f"Unpickling can run arbitrary code: only if you trust this file, set pretrained_weights_only=False "
-            f"(PooledBackbone: weights_only=False). torch said: {str(err).splitlines()[0]}"
+            f"{what} holds more than tensors and plain containers (official SimPool checkpoints store their "
+            f"training args as an argparse.Namespace), which weights_only=True refuses to unpickle. Unpickling "
+            f"can run arbitrary code: only if you trust this file, {opt_out}. torch said: {str(err).splitlines()[0]}"
         ) from err
 
 
@@ -210,7 +219,11 @@ class PooledBackbone(nn.Module):
         self.pool_kwargs: dict[str, Any] = dict(pool_kwargs or {})
         self.placement = placement
 
-        checkpoint = None if pretrained_path is None else _read_weights(os.fspath(pretrained_path), weights_only)
+        checkpoint = None
+        if pretrained_path is not None:
+            path = os.fspath(pretrained_path)
+            opt_out = "set pretrained_weights_only=False (PooledBackbone: weights_only=False)"
+            checkpoint = read_weights(path, weights_only, f"pretrained_path {path!r}", opt_out)
         lightning = isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint
         official = not lightning and isinstance(checkpoint, Mapping) and any(k in checkpoint for k in _OFFICIAL_ENTRIES)
         timm_weights = None

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from simpool_lightning.cli import main
+from tests.cli_runs import on_cpu
 from tests.data.test_downstream_classification import make_cifar10
 from tests.data.test_downstream_cub import make_cub
 from tests.data.test_downstream_voc import make_voc
@@ -43,18 +44,6 @@ def quickstart_checkpoint(tmp_path: Path) -> Path:
     path = checkpoints / "last.ckpt"
     assert path.is_file()
     return path
-
-
-def on_cpu(tmp_path: Path) -> list[str]:
-    return [
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.strategy=auto",
-        "--trainer.precision=32-true",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
-        "--data.init_args.num_workers=0",
-    ]
 
 
 class RecordStart(pl.Callback):

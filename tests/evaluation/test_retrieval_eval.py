@@ -5,7 +5,6 @@ so the cosine ranking of every query is known by hand (see COLOURS).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import pickle
@@ -20,10 +19,10 @@ from PIL import Image, ImageDraw
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from simpool_lightning.cli import main
 from simpool_lightning.data import RevisitedRetrievalDataModule
 from simpool_lightning.evaluation import MULTISCALE, RetrievalEvaluator, load_feature_model, revisited_map
 from simpool_lightning.models import ImageClassifier
+from tests.cli_runs import simpool_test as run_test
 from tests.data.downstream_files import write_corrupt, write_image
 from tests.isolated import run_isolated
 
@@ -145,24 +144,10 @@ def save_vit(path: Path, **backbone_kwargs) -> str:
 
 
 def simpool_test(tmp_path: Path, root: Path, *overrides: str) -> dict[str, float]:
-    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}
-    main(
-        [
-            "test", "-c", CONFIG,
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.strategy=auto",
-            "--trainer.precision=32-true",
-            f"--trainer.logger={json.dumps(logger)}",
-            "--model.init_args.model=simpool_lightning.models.ImageClassifier",
-            *overrides,
-        ]
+    return run_test(
+        CONFIG, tmp_path, f"--data.init_args.root={root}",
+        "--model.init_args.model=simpool_lightning.models.ImageClassifier", *overrides,
     )  # fmt: skip
-    (metrics_file,) = (tmp_path / "logs").rglob("metrics.csv")
-    (row,) = csv.DictReader(open(metrics_file))
-    return {key: float(value) for key, value in row.items() if value and key.startswith("test/")}
 
 
 @pytest.mark.parametrize("multiscale", [False, True])

@@ -5,8 +5,6 @@ prediction is written in each image's grey level, so the accuracy of every varia
 """
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,11 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from simpool_lightning.cli import main
 from simpool_lightning.data import SyntheticShapesDataModule
 from simpool_lightning.data.imagenet9 import IN1K_TO_IN9_GROUPS
 from simpool_lightning.evaluation import BackgroundRobustnessEvaluator
 from simpool_lightning.models import ImageClassifier
+from tests.cli_runs import simpool_test as run_test
 from tests.data.downstream_files import write_image
 from tests.data.test_downstream_imagenet9 import FOLDERS
 
@@ -69,26 +67,14 @@ def save_classifier(path: Path, num_classes: int) -> str:
 
 def simpool_test(tmp_path: Path, checkpoint: str) -> dict[str, float]:
     """`simpool test` with the IN-9 config on CPU; the metrics its CSV logger wrote."""
-    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}}
-    main(
-        [
-            "test", "-c", CONFIG,
-            f"--data.init_args.root={tmp_path}",
-            f"--data.init_args.variants={list(CODES)}",
-            "--data.init_args.image_size=32",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.num_workers=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.strategy=auto",
-            "--trainer.precision=32-true",
-            f"--trainer.logger={json.dumps(logger)}",
-            f"--model.init_args.checkpoint={checkpoint}",
-        ]
+    return run_test(
+        CONFIG, tmp_path,
+        f"--data.init_args.root={tmp_path}",
+        f"--data.init_args.variants={list(CODES)}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.batch_size=8",
+        f"--model.init_args.checkpoint={checkpoint}",
     )  # fmt: skip
-    (metrics_file,) = (tmp_path / "logs").rglob("metrics.csv")
-    (row,) = csv.DictReader(open(metrics_file))
-    return {key: float(value) for key, value in row.items() if value and key.startswith("test/")}
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 __all__ = ["simpool_mean"]
 
 
-def _head_mask(num_heads: int, dim: int, like: Tensor) -> Tensor:
+def head_mask(num_heads: int, dim: int, like: Tensor) -> Tensor:
     """``(h, d)``: 1 where channel c belongs to head h."""
     return torch.eye(num_heads, dtype=like.dtype, device=like.device).repeat_interleave(dim // num_heads, dim=1)
 
@@ -54,7 +54,7 @@ class _SimPoolMean(torch.autograd.Function):
         attn = logits.softmax(-1)  # (B, h, N)
         c = attn * r.unsqueeze(1)  # (B, h, N)
         centered = torch.bmm(c, x) - (c * mu.unsqueeze(1)).sum(-1, keepdim=True)  # (B, h, d)
-        mask = _head_mask(h, d, x)
+        mask = head_mask(h, d, x)
         pooled = (centered * mask).sum(1) * ln_weight + ln_bias  # (B, d)
         ctx.save_for_backward(x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, centered)
         ctx.num_heads, ctx.scale, ctx.has_bq = num_heads, scale, bq is not None
@@ -68,7 +68,7 @@ class _SimPoolMean(torch.autograd.Function):
         h, hd, scale = ctx.num_heads, d // ctx.num_heads, ctx.scale
         if g is None:
             g = x.new_zeros(b, d)
-        mask = _head_mask(h, d, x)
+        mask = head_mask(h, d, x)
         gm = g.unsqueeze(1) * mask  # (B, h, d): head h's share of the output gradient
 
         d_ln_bias = g.sum(0)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .simpool_mean import head_mask
+
 __all__ = ["MinMode", "power_sum"]
 
 MinMode = Literal["batch", "sample", "channel"]
@@ -64,11 +66,6 @@ def _add_at_minimum(grad: Tensor, index: Tensor, grad_minimum: Tensor, min_mode:
         grad.scatter_add_(1, index, grad_minimum)
 
 
-def _head_mask(num_heads: int, dim: int, like: Tensor) -> Tensor:
-    """``(h, d)``: 1 where channel c belongs to head h."""
-    return torch.eye(num_heads, dtype=like.dtype, device=like.device).repeat_interleave(dim // num_heads, dim=1)
-
-
 class _PowerSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, attn: Tensor, values: Tensor, min_mode: str, eps: float, gamma: float) -> Tensor:
@@ -81,7 +78,7 @@ class _PowerSum(torch.autograd.Function):
             powered.log_().mul_(gamma).exp_()
         # One matrix product reads the values once for every head; each head keeps its own channels.
         total = torch.bmm(attn, powered)  # (B, h, d)
-        total = total[:, 0] if h == 1 else (total * _head_mask(h, values.shape[-1], values)).sum(1)
+        total = total[:, 0] if h == 1 else (total * head_mask(h, values.shape[-1], values)).sum(1)
         ctx.save_for_backward(attn, values, minimum, index, powered)
         ctx.min_mode, ctx.eps, ctx.gamma = min_mode, eps, gamma
         return total
@@ -92,7 +89,7 @@ class _PowerSum(torch.autograd.Function):
         attn, values, minimum, index, powered = ctx.saved_tensors
         b, h, n = attn.shape
         d = values.shape[-1]
-        g = grad.unsqueeze(1) if h == 1 else grad.unsqueeze(1) * _head_mask(h, d, grad)  # (B, h, d)
+        g = grad.unsqueeze(1) if h == 1 else grad.unsqueeze(1) * head_mask(h, d, grad)  # (B, h, d)
         d_attn = torch.bmm(g, powered.transpose(1, 2)) if ctx.needs_input_grad[0] else None  # (B, h, N)
         d_values = None
         if ctx.needs_input_grad[1]:

@@ -17,6 +17,7 @@ from simpool_lightning.models import DINO, ImageClassifier, PooledBackbone
 from simpool_lightning.models.backbone import WeightsMismatchError
 from simpool_lightning.pooling import list_pools
 from tests.isolated import run_isolated
+from tests.trainers import trainer
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2))
 CNN = ("resnet18", {})
@@ -26,21 +27,6 @@ def tiny_data(**kw) -> SyntheticShapesDataModule:
     args = dict(num_classes=4, image_size=32, train_size=64, val_size=40, seed=0, batch_size=16, num_workers=0)
     args.update(kw)
     return SyntheticShapesDataModule(**args)
-
-
-def trainer(tmp_path, **kw) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 @pytest.mark.parametrize("arch", ["vit", "cnn"])

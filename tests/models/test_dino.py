@@ -17,6 +17,7 @@ from timm.optim import Lars
 from simpool_lightning.data import MultiCropTransform, SyntheticShapes, collate_samples
 from simpool_lightning.models import DINO, DINOHead, DINOLoss, clip_gradients_per_parameter, dino_param_groups
 from tests.isolated import run_isolated
+from tests.trainers import trainer
 
 VIT = ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2))
 TINY = dict(out_dim=256, head_hidden_dim=64, head_bottleneck_dim=32, drop_path_rate=0.0)
@@ -26,21 +27,6 @@ def tiny_dino(**kw) -> DINO:
     args = dict(backbone=VIT[0], backbone_kwargs=VIT[1], lr=1e-3, min_lr=1e-4, warmup_epochs=0, **TINY)
     args.update(kw)
     return DINO(**args)
-
-
-def trainer(tmp_path, **kw) -> pl.Trainer:
-    args = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
 
 
 class FixedCrops(Dataset):

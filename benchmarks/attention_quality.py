@@ -62,10 +62,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(pool: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one pooling from the same seed on the same data; validate it once at the end."""
-    pl.seed_everything(args.seed, verbose=False)
-    data = SyntheticShapesDataModule(
+def shapes(args: argparse.Namespace) -> SyntheticShapesDataModule:
+    """The benchmark's data: every pooling (and the no-image maps) sees the same images."""
+    return SyntheticShapesDataModule(
         num_classes=args.num_classes,
         image_size=args.image_size,
         train_size=args.train_size,
@@ -74,6 +73,12 @@ def run(pool: str, args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
     )
+
+
+def run(pool: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train one pooling from the same seed on the same data; validate it once at the end."""
+    pl.seed_everything(args.seed, verbose=False)
+    data = shapes(args)
     model = ImageClassifier(
         args.backbone,
         dict(
@@ -124,10 +129,7 @@ def prior_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     What a map must beat before it says anything about the object: SyntheticShapes draws objects
     around the centre, so a centre prior alone scores well.
     """
-    data = SyntheticShapesDataModule(
-        num_classes=args.num_classes, image_size=args.image_size, train_size=args.batch_size,
-        val_size=args.val_size, seed=args.seed, batch_size=args.batch_size,
-    )
+    data = shapes(args)
     data.setup("validate")
     side = torch.arange(args.image_size, dtype=torch.float32) - (args.image_size - 1) / 2
     yy, xx = torch.meshgrid(side, side, indexing="ij")

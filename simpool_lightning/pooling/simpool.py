@@ -108,7 +108,7 @@ class SimPool(Pool):
         bq = None if self.wq.bias is None else self.wq.bias.float()
         if self.gamma is None:
             return simpool_mean(x, *params, bq, self.num_heads, self.scale, norm.eps)
-        b, n, d = x.shape
+        b, _, d = x.shape
         h, hd = self.num_heads, self.head_dim
         ln_weight, ln_bias, wq, wk = params
         query = nn.functional.linear(x.mean(1), wq, bq).view(b, h, hd)  # (B, h, hd)

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from simpool_lightning.callbacks import AttentionMapLogger, denormalize, plot_attention
 from simpool_lightning.data import SyntheticShapesDataModule
 from simpool_lightning.models import ImageClassifier
+from tests.trainers import trainer as make_trainer
 
 VIT_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
 
@@ -32,18 +33,8 @@ def tiny_data() -> SyntheticShapesDataModule:
 def fit(root: str, callbacks: list[pl.Callback], pool: str = "simpool", epochs: int = 2, **trainer_kwargs) -> pl.Trainer:
     pl.seed_everything(0)
     trainer_kwargs.setdefault("logger", TensorBoardLogger(root, name="", version=0))
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=trainer_kwargs.pop("devices", 1),
-        limit_train_batches=2,
-        num_sanity_val_steps=1,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
+    trainer = make_trainer(
+        root, max_epochs=epochs, limit_train_batches=2, num_sanity_val_steps=1, callbacks=callbacks, **trainer_kwargs
     )
     trainer.fit(tiny_model(pool), tiny_data())
     return trainer

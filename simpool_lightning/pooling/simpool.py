@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .base import Pool
 from .simpool_mean import simpool_mean
-from .simpool_power import MinMode, power_sum
+from .simpool_power import MinMode, simpool_power
 from .registry import register_pool
 
 __all__ = ["SimPool", "MinMode"]
@@ -108,15 +108,9 @@ class SimPool(Pool):
         bq = None if self.wq.bias is None else self.wq.bias.float()
         if self.gamma is None:
             return simpool_mean(x, *params, bq, self.num_heads, self.scale, norm.eps)
-        b, _, d = x.shape
-        h, hd = self.num_heads, self.head_dim
-        ln_weight, ln_bias, wq, wk = params
-        query = nn.functional.linear(x.mean(1), wq, bq).view(b, h, hd)  # (B, h, hd)
-        values = nn.functional.layer_norm(x, (d,), ln_weight, ln_bias, norm.eps)  # (B, N, d)
-        # u_h = W_k,h^T q_h: the query folded through the key projection.
-        u = torch.einsum("bhc,hcd->bhd", query, wk.view(h, hd, d)) * self.scale  # (B, h, d)
-        attn = torch.bmm(u, values.transpose(1, 2)).softmax(-1)  # (B, h, N)
-        pooled = power_sum(attn, values, self.min_mode, self.eps, self.gamma).pow(1.0 / self.gamma)
+        pooled, attn = simpool_power(
+            x, *params, bq, self.num_heads, self.scale, norm.eps, self.gamma, self.min_mode, self.eps
+        )
         if self.use_beta:
             pooled = pooled + self.beta.float()
         return pooled, attn

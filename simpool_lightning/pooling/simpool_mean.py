@@ -1,4 +1,4 @@
-"""SimPool without gamma as one autograd function that never forms LayerNorm(X).
+"""SimPool without gamma as one autograd function that keeps nothing of LayerNorm(X).
 
 With per-location mean mu_j and inverse std r_j, LN(x_j) = r_j (x_j - mu_j) * w + b. For the folded
 query u_h = scale * W_k,h^T (W_q q + b_q)_h and uw_h = u_h * w:
@@ -6,10 +6,12 @@ query u_h = scale * W_k,h^T (W_q q + b_q)_h and uw_h = u_h * w:
     logit_hj = r_j (uw_h . x_j - mu_j sum(uw_h))      (the constant u_h . b cancels in softmax)
     y[S_h]   = w * sum_j a_hj r_j (x_j - mu_j) + b     restricted to head h's channels S_h
 
-The forward runs LayerNorm once for robust statistics and the logits, then reads X for the query
-and the weighted sum; nothing of size (B, N, d) but X is saved. The backward reads X twice and
-folds every per-location term of dX into one batched matrix product plus one multiply-add, where
-autograd would form and sum several (B, N, d) gradients.
+The forward takes exact LayerNorm statistics and the logits from one LayerNorm (two passes for
+maps), then reads X for the query and the weighted sum; nothing of size (B, N, d) but X is saved.
+The backward reads X twice and folds every per-location term of dX into one batched matrix product
+plus one multiply-add, where autograd would form and sum several (B, N, d) gradients. X may be tokens ``(B, N, d)`` or maps viewed as
+tokens (channels outermost, the view ``to_tokens`` makes): matrix products read either in place, and
+dX comes back in X's layout, so neither direction copies X.
 """
 from __future__ import annotations
 
@@ -22,9 +24,69 @@ from torch.autograd.function import once_differentiable
 __all__ = ["simpool_mean"]
 
 
-def head_mask(num_heads: int, dim: int, like: Tensor) -> Tensor:
+def _head_mask(num_heads: int, dim: int, like: Tensor) -> Tensor:
     """``(h, d)``: 1 where channel c belongs to head h."""
     return torch.eye(num_heads, dtype=like.dtype, device=like.device).repeat_interleave(dim // num_heads, dim=1)
+
+
+def own_channels(per_head: Tensor) -> Tensor:
+    """``(B, h, d) -> (B, d)``: each channel taken from the head that owns it."""
+    b, h, d = per_head.shape
+    return per_head[:, 0] if h == 1 else (per_head * _head_mask(h, d, per_head)).sum(1)
+
+
+def head_shares(g: Tensor, num_heads: int) -> Tensor:
+    """``(B, d) -> (B, h, d)``: head h keeps the channels it owns, zero elsewhere."""
+    return g.unsqueeze(1) if num_heads == 1 else g.unsqueeze(1) * _head_mask(num_heads, g.shape[-1], g)
+
+
+def readable_in_place(x: Tensor) -> Tensor:
+    """``x`` ``(B, N, d)`` itself when its channels or its locations are contiguous, else a copy."""
+    return x if x.stride(-1) == 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def token_mean(x: Tensor) -> Tensor:
+    """``(B, d)``: the mean over locations of ``x`` ``(B, N, d)``, one matrix product in either layout."""
+    b, n, d = x.shape
+    return torch.bmm(x.new_full((b, 1, n), 1.0 / n), x).view(b, d)
+
+
+def fold_query(q: Tensor, wq: Tensor, wk: Tensor, bq: Optional[Tensor], num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    """``(qh, u)``: the projected query ``(B, d)`` and, per head, ``u_h = scale W_k,h^T qh_h`` ``(B, h, d)``."""
+    b, d = q.shape
+    qh = torch.nn.functional.linear(q, wq, bq)
+    u = torch.einsum("bhc,hcd->bhd", qh.view(b, num_heads, d // num_heads), wk.view(num_heads, d // num_heads, d))
+    return qh, u * scale
+
+
+def fold_query_backward(
+    du: Tensor, q: Tensor, qh: Tensor, wq: Tensor, wk: Tensor, num_heads: int, scale: float, has_bq: bool
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of :func:`fold_query` for ``du`` ``(B, h, d)``: ``(dq, d_wq, d_wk, d_bq)``."""
+    b, h, d = du.shape
+    du = du * scale  # (B, h, d): scaled here, the smallest place
+    d_qh = torch.einsum("bhd,hcd->bhc", du, wk.view(h, d // h, d)).reshape(b, d)
+    d_wk = torch.einsum("bhc,bhd->hcd", qh.view(b, h, d // h), du).reshape(d, d)
+    return d_qh @ wq, d_qh.t() @ q, d_wk, d_qh.sum(0) if has_bq else None
+
+
+def _layer_norm_logits(x: Tensor, u: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits, mu, r)``: ``u_h . LN(x_j)`` ``(B, h, N)`` and LayerNorm's mean and inverse std ``(B, N)``.
+
+    The statistics are exact (two passes, or LayerNorm's own kernel): E[x^2] - mu^2 and logits from
+    raw X would skip a (B, N, d) write but lose every digit for a location whose mean dwarfs its
+    spread. Tokens go through LayerNorm's kernel; maps viewed as tokens, which that kernel would
+    copy, are centred in their own layout.
+    """
+    b, n, d = x.shape
+    if x.stride(-1) == 1:
+        z, mu, r = torch.native_layer_norm(x, (d,), ln_weight, ln_bias, eps)
+        return torch.bmm(u, z.transpose(1, 2)), mu.view(b, n), r.view(b, n)
+    mu = x.mean(-1)  # (B, N)
+    centred = x - mu.unsqueeze(-1)  # (B, N, d) in X's layout
+    raw = torch.bmm(u * ln_weight, centred.transpose(1, 2))  # (B, h, N)
+    r = centred.square_().mean(-1).add_(eps).rsqrt_()
+    return raw * r.unsqueeze(1) + (u * ln_bias).sum(-1, keepdim=True), mu, r
 
 
 class _SimPoolMean(torch.autograd.Function):
@@ -42,20 +104,14 @@ class _SimPoolMean(torch.autograd.Function):
         ln_eps: float,
     ) -> tuple[Tensor, Tensor]:
         b, n, d = x.shape
-        h, hd = num_heads, d // num_heads
-        # LayerNorm's own kernel gives robust statistics; its output is used for the logits and freed.
-        z, mu, r = torch.native_layer_norm(x, (d,), ln_weight, ln_bias, ln_eps)
-        mu, r = mu.view(b, n), r.view(b, n)
-        q = x.mean(1)  # (B, d): the query is the GAP of the raw features
-        qh = torch.nn.functional.linear(q, wq, bq)  # (B, d)
-        u = torch.einsum("bhc,hcd->bhd", qh.view(b, h, hd), wk.view(h, hd, d)) * scale  # (B, h, d)
-        logits = torch.bmm(u, z.transpose(1, 2))  # (B, h, N)
-        del z
-        attn = logits.softmax(-1)  # (B, h, N)
+        h = num_heads
+        q = token_mean(x)  # (B, d): the query is the GAP of the raw features
+        qh, u = fold_query(q, wq, wk, bq, h, scale)
+        logits, mu, r = _layer_norm_logits(x, u, ln_weight, ln_bias, ln_eps)
+        attn = logits.softmax(-1)
         c = attn * r.unsqueeze(1)  # (B, h, N)
         centered = torch.bmm(c, x) - (c * mu.unsqueeze(1)).sum(-1, keepdim=True)  # (B, h, d)
-        mask = head_mask(h, d, x)
-        pooled = (centered * mask).sum(1) * ln_weight + ln_bias  # (B, d)
+        pooled = own_channels(centered) * ln_weight + ln_bias  # (B, d)
         ctx.save_for_backward(x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, centered)
         ctx.num_heads, ctx.scale, ctx.has_bq = num_heads, scale, bq is not None
         return pooled, attn
@@ -65,11 +121,10 @@ class _SimPoolMean(torch.autograd.Function):
     def backward(ctx: Any, g: Optional[Tensor], g_attn: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
         x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, centered = ctx.saved_tensors
         b, n, d = x.shape
-        h, hd, scale = ctx.num_heads, d // ctx.num_heads, ctx.scale
+        h = ctx.num_heads
         if g is None:
             g = x.new_zeros(b, d)
-        mask = head_mask(h, d, x)
-        gm = g.unsqueeze(1) * mask  # (B, h, d): head h's share of the output gradient
+        gm = head_shares(g, h)  # (B, h, d): head h's share of the output gradient
 
         d_ln_bias = g.sum(0)
         d_ln_weight = (gm * centered).sum((0, 1))
@@ -92,14 +147,8 @@ class _SimPoolMean(torch.autograd.Function):
         dp = dlogit * r.unsqueeze(1)  # (B, h, N)
         dmu = dmu - (dp * s).sum(1)
         d_uw = torch.bmm(dp, x) - (dp * mu.unsqueeze(1)).sum(-1, keepdim=True)  # (B, h, d)
-        du = d_uw * ln_weight
         d_ln_weight = d_ln_weight + (d_uw * u).sum((0, 1))
-
-        # Through u_h = scale W_k,h^T qh_h and qh = W_q q + b_q.
-        d_qh = torch.einsum("bhd,hcd->bhc", du, wk.view(h, hd, d)).reshape(b, d) * scale
-        d_wk = torch.einsum("bhc,bhd->hcd", qh.view(b, h, hd), du).reshape(d, d) * scale
-        d_wq = d_qh.t() @ q
-        d_bq = d_qh.sum(0) if ctx.has_bq else None
+        dq, d_wq, d_wk, d_bq = fold_query_backward(d_uw * ln_weight, q, qh, wq, wk, h, ctx.scale, ctx.has_bq)
 
         dx = None
         if ctx.needs_input_grad[0]:
@@ -107,13 +156,16 @@ class _SimPoolMean(torch.autograd.Function):
             # + beta_j x_j, where beta_j, k_j carry the gradients of the statistics r_j and mu_j.
             beta = dr * (-0.5) * r.pow(3) * (2.0 / d)  # (B, N)
             k = dmu / d - beta * mu  # (B, N)
-            dq = d_qh @ wq  # (B, d)
             coef = torch.cat(
                 [(attn * r.unsqueeze(1)).transpose(1, 2), dp.transpose(1, 2), k.unsqueeze(-1), x.new_full((b, n, 1), 1.0 / n)],
                 dim=-1,
             )  # (B, N, 2h + 2)
             vecs = torch.cat([gw, uw, x.new_ones(b, 1, d), dq.unsqueeze(1)], dim=1)  # (B, 2h + 2, d)
-            dx = torch.bmm(coef, vecs).addcmul_(x, beta.unsqueeze(-1))
+            if x.stride(-1) == 1:
+                dx = torch.bmm(coef, vecs)
+            else:  # maps viewed as tokens: write dX channels-outermost, as X is
+                dx = torch.bmm(vecs.transpose(1, 2), coef.transpose(1, 2)).transpose(1, 2)
+            dx.addcmul_(x, beta.unsqueeze(-1))
         return dx, d_ln_weight, d_ln_bias, d_wq, d_wk, d_bq, None, None, None
 
 
@@ -131,7 +183,7 @@ def simpool_mean(
     """SimPool without gamma, exactly, in O(N d + d^2) time and O(B d) saved activations beyond X.
 
     Args:
-        x: tokens ``(B, N, d)``.
+        x: tokens ``(B, N, d)``, or maps viewed as tokens (``to_tokens``); another layout is copied.
         ln_weight, ln_bias: LayerNorm affine ``(d,)``; ``ln_eps`` its epsilon.
         wq, wk: query and key projections ``(d, d)``; ``bq`` the query bias ``(d,)`` or ``None``
             (a key bias has no effect after the softmax).
@@ -141,4 +193,4 @@ def simpool_mean(
     Returns:
         ``(pooled, attn)``: ``(B, d)`` and ``(B, num_heads, N)``.
     """
-    return _SimPoolMean.apply(x, ln_weight, ln_bias, wq, wk, bq, num_heads, scale, ln_eps)
+    return _SimPoolMean.apply(readable_in_place(x), ln_weight, ln_bias, wq, wk, bq, num_heads, scale, ln_eps)

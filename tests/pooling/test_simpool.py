@@ -9,7 +9,8 @@ from timm.layers import SimPool1d, SimPool2d
 from torch import nn
 
 from simpool_lightning.pooling import SimPool, create_pool
-from simpool_lightning.pooling.simpool_power import power_sum
+from simpool_lightning.pooling.simpool_mean import simpool_mean
+from simpool_lightning.pooling.simpool_power import simpool_power
 from tests.reference.official_simpool import OfficialSimPool
 
 DIM = 32
@@ -203,24 +204,92 @@ def test_unknown_pool_lists_the_known_ones():
         create_pool("simpoool", DIM)
 
 
-@pytest.mark.parametrize("gamma", [0.5, 1.25, 2.0, 3.0])
+def _formula(x, w, b, wq, wk, bq, num_heads, scale, gamma, min_mode, eps=0.1):
+    """SimPool written as the paper's formulas, differentiated by autograd."""
+    bsz, n, d = x.shape
+    hd = d // num_heads
+    z = nn.functional.layer_norm(x, (d,), w, b, 1e-6)
+    q = nn.functional.linear(x.mean(1), wq, bq).view(bsz, num_heads, hd)
+    k = nn.functional.linear(z, wk).view(bsz, n, num_heads, hd)
+    attn = (torch.einsum("bhc,bnhc->bhn", q, k) * scale).softmax(-1)
+    if gamma is None:
+        values = z
+    else:
+        minimum = {
+            "batch": lambda v: v.amin(),
+            "sample": lambda v: v.amin(dim=(1, 2), keepdim=True),
+            "channel": lambda v: v.amin(dim=1, keepdim=True),
+        }[min_mode](z)
+        values = (z - minimum + eps).pow(gamma)
+    pooled = torch.einsum("bhn,bnhc->bhc", attn, values.view(bsz, n, num_heads, hd)).reshape(bsz, d)
+    return (pooled if gamma is None else pooled.pow(1.0 / gamma)), attn
+
+
+def _fused(x, w, b, wq, wk, bq, num_heads, scale, gamma, min_mode, eps=0.1):
+    if gamma is None:
+        return simpool_mean(x, w, b, wq, wk, bq, num_heads, scale, 1e-6)
+    return simpool_power(x, w, b, wq, wk, bq, num_heads, scale, 1e-6, gamma, min_mode, eps)
+
+
+def _inputs(layout, num_heads, qkv_bias, b=2, n=5, d=6, offset=0.0, dtype=torch.double):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(b, n, d, generator=gen, dtype=dtype) + offset
+    if layout == "maps":  # channels outermost in memory, as to_tokens views maps
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    params = [torch.randn(d, generator=gen, dtype=dtype) * 0.5 + 1.0, torch.randn(d, generator=gen, dtype=dtype) * 0.5]
+    params += [torch.randn(d, d, generator=gen, dtype=dtype) * 0.5 for _ in range(2)]
+    params.append(torch.randn(d, generator=gen, dtype=dtype) if qkv_bias else None)
+    return [x.requires_grad_()] + [p.requires_grad_() if p is not None else None for p in params]
+
+
+FUSED_CASES = [(None, "sample")] + [(g, m) for g in (0.5, 1.25, 2.0, 3.0) for m in ("batch", "sample", "channel")]
+
+
+@pytest.mark.parametrize("gamma,min_mode", FUSED_CASES)
 @pytest.mark.parametrize("num_heads", [1, 3])
-@pytest.mark.parametrize("min_mode", ["batch", "sample", "channel"])
-def test_power_sum_equals_autograd_through_the_formula(gamma, num_heads, min_mode):
-    b, n, d = 2, 5, 6
-    values = torch.randn(b, n, d, dtype=torch.double, requires_grad=True)
-    attn = torch.randn(b, num_heads, n, dtype=torch.double).softmax(-1).requires_grad_()
-    minimum = {
-        "batch": lambda v: v.amin(),
-        "sample": lambda v: v.amin(dim=(1, 2), keepdim=True),
-        "channel": lambda v: v.amin(dim=1, keepdim=True),
-    }[min_mode]
-    shifted = (values - minimum(values) + 1e-6).pow(gamma)
-    expected = torch.einsum("bhn,bnhc->bhc", attn, shifted.view(b, n, num_heads, d // num_heads)).reshape(b, d)
-    ours = power_sum(attn, values, min_mode, 1e-6, gamma)
-    torch.testing.assert_close(ours, expected)
-    grad = torch.randn(b, d, dtype=torch.double)
-    torch.testing.assert_close(
-        torch.autograd.grad(ours, (attn, values), grad), torch.autograd.grad(expected, (attn, values), grad)
-    )
-    assert torch.autograd.gradcheck(lambda a, v: power_sum(a, v, min_mode, 0.1, gamma), (attn, values))
+@pytest.mark.parametrize("layout", ["tokens", "maps"])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_functions_equal_autograd_through_the_formulas(gamma, min_mode, num_heads, layout, qkv_bias):
+    inputs = _inputs(layout, num_heads, qkv_bias)
+    args = (num_heads, 0.7, gamma, min_mode)
+    ours, expected = _fused(*inputs, *args), _formula(*inputs, *args)
+    for o, e in zip(ours, expected):
+        torch.testing.assert_close(o, e)
+    gen = torch.Generator().manual_seed(4)
+    upstream = [torch.randn(e.shape, generator=gen, dtype=e.dtype) for e in expected]
+    wrt = [t for t in inputs if t is not None]
+    grad_ours = torch.autograd.grad(ours, wrt, upstream)
+    grad_expected = torch.autograd.grad(expected, wrt, upstream)
+    for name, o, e in zip(["x", "ln_weight", "ln_bias", "wq", "wk", "bq"], grad_ours, grad_expected):
+        torch.testing.assert_close(o, e, msg=lambda m: f"{name}: {m}")
+    if gamma is None:  # the mean path reads maps in place and writes dX in X's layout
+        assert grad_ours[0].stride() == inputs[0].stride()
+    assert torch.autograd.gradcheck(lambda *t: _fused(*t, *[None] * (6 - len(t)), *args), wrt)
+
+
+@pytest.mark.parametrize("gamma", [None, 1.25])
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+@pytest.mark.parametrize("layout", ["tokens", "maps"])
+def test_float32_is_as_exact_as_autograd_for_features_far_from_zero(gamma, offset, layout):
+    # Locations whose mean dwarfs their spread: statistics taken as E[x^2] - mean^2 lose every digit.
+    gen = torch.Generator().manual_seed(5)
+    b, n, d = 4, 49, 256
+    inputs = _inputs(layout, 1, False, b=b, n=n, d=d)
+    with torch.no_grad():
+        inputs[0].mul_(torch.rand(b, n, 1, generator=gen, dtype=torch.double) * 2).add_(offset)
+    for p in inputs[3:5]:
+        p.data.mul_(d**-0.5)
+    upstream = torch.randn(b, d, generator=gen, dtype=torch.double)
+    args = (1, d**-0.5, gamma, "sample")
+
+    def run(fn, tensors):
+        tensors = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_() if t is not None else None for t in tensors]
+        pooled, attn = fn(*tensors, *args)
+        return [pooled, attn, *torch.autograd.grad((pooled * upstream.to(pooled.dtype)).sum(), tensors[:5])]
+
+    exact = run(_formula, inputs)
+    single = [t.float() if t is not None else None for t in inputs]
+    assert single[0].stride(1) == (1 if layout == "maps" else d)
+    for name, ours, autograd, e in zip(["pooled", "attn", "x", "ln_weight", "ln_bias", "wq", "wk"], run(_fused, single), run(_formula, single), exact):
+        err_ours, err_autograd = (ours.double() - e).abs().max(), (autograd.double() - e).abs().max()
+        assert err_ours <= 4 * err_autograd + 1e-6 * e.abs().max(), f"{name}: {err_ours:.2e} vs autograd's {err_autograd:.2e}"

@@ -30,11 +30,11 @@ from typing import Any, Callable, Optional
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simpool_lightning.models import ImageClassifier  # noqa: E402
+from simpool_lightning.models.optim import create_optimizer  # noqa: E402
 from simpool_lightning.models.schedules import cosine_schedule  # noqa: E402
 
 # name: (timm backbone, backbone kwargs, pool, image size, batch) at the CPU defaults.
@@ -113,7 +113,7 @@ def plain_block(model: ImageClassifier, loader: DataLoader, args: argparse.Names
     """The same steps by hand: the loop a user would write without Lightning."""
     hp, steps, device = model.hparams, args.steps, args.device
     net = model.net.to(device).train()
-    optimizer = create_optimizer_v2(net, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum)
+    optimizer = create_optimizer(net, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
 
     def factor(step: int) -> float:
         return cosine_schedule(step, steps, 1.0, hp.min_lr / hp.lr, 0, 1.0)

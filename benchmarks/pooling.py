@@ -8,10 +8,18 @@ and printed as median milliseconds and as a ratio to GAP + LayerNorm.
     python benchmarks/pooling.py                       # all pools, CPU, 2 threads
     python benchmarks/pooling.py --pools simpool avg --gamma 1.25
     python benchmarks/pooling.py --device cuda --dtype bf16
+
+On CPU, glibc hands large freed buffers back to the system, so a head's fresh (B, N, d) buffers
+page-fault on some steps and not others, and unevenly between heads (GAP + LayerNorm at ViT-B
+measured 28 to 81 ms from run to run). For stable ratios keep freed memory in the process, as a
+caching allocator (PyTorch's on CUDA, or jemalloc) does:
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/pooling.py
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -106,6 +114,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     print(f"# torch {torch.__version__}, device {args.device}, {args.threads} threads, autocast {args.dtype}, "
           f"median of {args.repeats}, forward + backward, ms (ratio to GAP + LayerNorm)")
+    if args.device == "cpu":
+        malloc = {k: os.environ.get(k) for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}
+        print(f"# glibc malloc settings {malloc} (see the docstring)")
     for shape_name in args.shapes:
         shape = list(SHAPES[shape_name])
         if args.batch:

@@ -1,11 +1,14 @@
 """Whole-model training steps with default pooling and with SimPool, side by side in one run.
 
-For each backbone (ResNet-50, ViT-S/16, ConvNeXt-S) it times forward + backward + AdamW step of
-``ImageClassifier``'s network with the model's default pooling, SimPool without gamma and SimPool
-with the paper's gamma, and prints images/s, peak memory and both as ratios to the default.
+For each backbone (ResNet-50, ViT-S/16, ConvNeXt-S) it times forward + backward + optimizer step
+(the recipe's SGD or AdamW, built as ``ImageClassifier`` builds it) of ``ImageClassifier``'s network
+with the model's default pooling, SimPool without gamma and SimPool with the paper's gamma, and
+prints images/s, peak memory and both as ratios to the default.
 The three configurations of a backbone are timed in one process, one step of each in turn, so that
 a change in machine load hits all of them alike; peak memory is measured for each configuration
-alone in its own process (CPU: peak resident set size; CUDA: ``torch.cuda.max_memory_allocated``).
+alone in its own process (CPU: peak resident set size, under glibc's default settings even when
+the timing runs with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...``, see ``pooling.py``; CUDA:
+``torch.cuda.max_memory_allocated``).
 
     python benchmarks/train_step.py                              # CPU, 2 threads, 96 px, batch 8
     python benchmarks/train_step.py --device cuda --image-size 224 --batch 128 --bf16 --channels-last
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -23,19 +27,20 @@ from pathlib import Path
 from typing import Callable, Optional
 
 MODELS = {
-    # backbone: (default pool, SimPool's gamma in the paper)
-    "resnet50": ("avg", 2.0),
-    "vit_small_patch16_224": ("token", 1.25),
-    "convnext_small": ("avg", 2.0),
+    # backbone: (default pool, SimPool's gamma in the paper, the optimizer of configs/supervised/)
+    "resnet50": ("avg", 2.0, "sgd"),
+    "vit_small_patch16_224": ("token", 1.25, "adamw"),
+    "convnext_small": ("avg", 2.0, "adamw"),
 }
 
 
 def build(backbone: str, pool: str, gamma: Optional[float], args: argparse.Namespace) -> Callable[[], None]:
-    """One configuration's training step (forward, backward, AdamW), as a closure."""
+    """One configuration's training step (forward, backward, the recipe's optimizer), as a closure."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from simpool_lightning.models import ImageClassifier
+    from simpool_lightning.models.optim import create_optimizer
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -46,7 +51,7 @@ def build(backbone: str, pool: str, gamma: Optional[float], args: argparse.Names
     net = net.to(memory_format=memory_format)
     if args.compile:
         net = torch.compile(net)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    optimizer = create_optimizer(net, MODELS[backbone][2], lr=1e-4, weight_decay=0.05, momentum=0.9)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -63,7 +68,7 @@ def build(backbone: str, pool: str, gamma: Optional[float], args: argparse.Names
 
 
 def configurations(backbone: str) -> list[tuple[str, Optional[float]]]:
-    default_pool, gamma = MODELS[backbone]
+    default_pool, gamma, _ = MODELS[backbone]
     return [(default_pool, None), ("simpool", None), ("simpool", gamma)]
 
 
@@ -130,18 +135,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     common += [flag for flag, on in (("--bf16", args.bf16), ("--channels-last", args.channels_last),
                                      ("--compile", args.compile)) if on]
 
-    def child(*extra: str) -> object:
-        out = subprocess.run([sys.executable, __file__, *common, *extra], check=True, capture_output=True, text=True)
+    def child(*extra: str, env: Optional[dict[str, str]] = None) -> object:
+        command = [sys.executable, __file__, *common, *extra]
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         return json.loads(out.stdout.splitlines()[-1])
+
+    # Peak memory under the allocator users get, even when timing runs with glibc's trimming off.
+    default_malloc = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
 
     print(f"# device {args.device}, image {args.image_size}px, batch {args.batch}, {args.threads} threads, "
           f"bf16 {args.bf16}, channels-last {args.channels_last}, compile {args.compile}; median of {args.steps} "
-          f"steps (forward + backward + AdamW), the configurations' steps interleaved in one process; peak "
+          f"steps (forward + backward + the recipe's optimizer), the configurations' steps interleaved in one "
+          f"process; peak "
           f"memory of each configuration alone in its own process ({'max allocated' if args.device == 'cuda' else 'peak RSS'})")
     print(f"{'backbone':24s} {'pool':18s} {'img/s':>9s} {'peak MiB':>9s} {'speed':>7s} {'memory':>7s}")
     for backbone in args.backbones:
         seconds = child(f"--time={backbone}")
-        memory = [child("--memory", backbone, pool, str(gamma or 0)) for pool, gamma in configurations(backbone)]
+        memory = [child("--memory", backbone, pool, str(gamma or 0), env=default_malloc) for pool, gamma in configurations(backbone)]
         for (pool, gamma), sec, mib in zip(configurations(backbone), seconds, memory):
             label = pool + (f" gamma {gamma}" if gamma else "")
             print(f"{backbone:24s} {label:18s} {args.batch / sec:9.2f} {mib:9.0f} "

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -16,6 +15,7 @@ from torchmetrics import MetricCollection
 from ..evaluation.accuracy import topk_accuracy
 from ..evaluation.localization import CorLoc, MaskIoU
 from .backbone import PooledBackbone, PoolPlacement
+from .optim import create_optimizer
 from .schedules import cosine_schedule
 
 __all__ = ["ImageClassifier", "attention_to_maps"]
@@ -272,9 +272,7 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = create_optimizer_v2(
-            self.net, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
-        )
+        optimizer = create_optimizer(self.net, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = min(total, round(hp.warmup_epochs * total / epochs))

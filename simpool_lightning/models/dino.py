@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from .backbone import TOKEN_POOL, PooledBackbone, PoolPlacement, _create_timm_model
 from .classifier import attention_to_maps
 from .dino_head import DINOHead, DINOLoss, MultiCropNet
+from .optim import fused_supported
 from .schedules import cosine_schedule
 
 __all__ = ["DINO", "clip_gradients_per_parameter", "dino_param_groups"]
@@ -286,10 +287,11 @@ class DINO(pl.LightningModule):
         # lr and weight decay are set every step by training_step from the schedules.
         hp = self.hparams
         groups = dino_param_groups(self.student)
+        fused = fused_supported(self.student.parameters())
         if hp.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+            return torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay, fused=fused)
         # DINO's LARS adapts the regularised weights only, whatever their weight decay.
         groups[0]["always_adapt"] = True
         return Lars(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)

@@ -9,9 +9,10 @@ query u_h = scale * W_k,h^T (W_q q + b_q)_h and uw_h = u_h * w:
 The forward takes exact LayerNorm statistics and the logits from one LayerNorm (two passes for
 maps), then reads X for the query and the weighted sum; nothing of size (B, N, d) but X is saved.
 The backward reads X twice and folds every per-location term of dX into one batched matrix product
-plus one multiply-add, where autograd would form and sum several (B, N, d) gradients. X may be tokens ``(B, N, d)`` or maps viewed as
-tokens (channels outermost, the view ``to_tokens`` makes): matrix products read either in place, and
-dX comes back in X's layout, so neither direction copies X.
+plus one multiply-add, where autograd would form and sum several (B, N, d) gradients. X may be
+tokens ``(B, N, d)`` or maps viewed as tokens (channels outermost, the view ``to_tokens`` makes):
+matrix products read either in place, and dX comes back in X's layout, so neither direction copies
+X.
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def token_mean(x: Tensor) -> Tensor:
     return torch.bmm(x.new_full((b, 1, n), 1.0 / n), x).view(b, d)
 
 
-def fold_query(q: Tensor, wq: Tensor, wk: Tensor, bq: Optional[Tensor], num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def fold_query(
+    q: Tensor, wq: Tensor, wk: Tensor, bq: Optional[Tensor], num_heads: int, scale: float
+) -> tuple[Tensor, Tensor]:
     """``(qh, u)``: the projected query ``(B, d)`` and, per head, ``u_h = scale W_k,h^T qh_h`` ``(B, h, d)``."""
     b, d = q.shape
     qh = torch.nn.functional.linear(q, wq, bq)
@@ -70,22 +73,24 @@ def fold_query_backward(
     return d_qh @ wq, d_qh.t() @ q, d_wk, d_qh.sum(0) if has_bq else None
 
 
-def _layer_norm_logits(x: Tensor, u: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logits, mu, r)``: ``u_h . LN(x_j)`` ``(B, h, N)`` and LayerNorm's mean and inverse std ``(B, N)``.
+def _layer_norm_logits(
+    x: Tensor, u: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits, mu, r)``: ``u_h . LN(x_j)`` ``(B, h, N)``; LayerNorm's mean and inverse std ``(B, N)``.
 
     The statistics are exact (two passes, or LayerNorm's own kernel): E[x^2] - mu^2 and logits from
     raw X would skip a (B, N, d) write but lose every digit for a location whose mean dwarfs its
     spread. Tokens go through LayerNorm's kernel; maps viewed as tokens, which that kernel would
-    copy, are centred in their own layout.
+    copy, are centered in their own layout.
     """
     b, n, d = x.shape
     if x.stride(-1) == 1:
         z, mu, r = torch.native_layer_norm(x, (d,), ln_weight, ln_bias, eps)
         return torch.bmm(u, z.transpose(1, 2)), mu.view(b, n), r.view(b, n)
     mu = x.mean(-1)  # (B, N)
-    centred = x - mu.unsqueeze(-1)  # (B, N, d) in X's layout
-    raw = torch.bmm(u * ln_weight, centred.transpose(1, 2))  # (B, h, N)
-    r = centred.square_().mean(-1).add_(eps).rsqrt_()
+    centered = x - mu.unsqueeze(-1)  # (B, N, d) in X's layout
+    raw = torch.bmm(u * ln_weight, centered.transpose(1, 2))  # (B, h, N)
+    r = centered.square_().mean(-1).add_(eps).rsqrt_()
     return raw * r.unsqueeze(1) + (u * ln_bias).sum(-1, keepdim=True), mu, r
 
 

@@ -96,12 +96,14 @@ class _SimPoolPower(torch.autograd.Function):
             log_s = s.log_()
             powered = torch.mul(log_s, gamma).exp_()
             # t = exp((gamma - 1) log s + log alpha) in one pass and one exp (alpha = 0 gives t = 0)
-            tilted = torch.add(alpha.log(), log_s.view(b, n, h, d // h), alpha=gamma - 1.0, out=log_s.view(b, n, h, d // h))
-            tilted = tilted.exp_().view(b, n, d)
+            log_s_heads = log_s.view(b, n, h, d // h)
+            tilted = torch.add(alpha.log(), log_s_heads, alpha=gamma - 1.0, out=log_s_heads).exp_().view(b, n, d)
         total = torch.bmm(attn, powered)  # (B, h, d): one product reads p once for every head
         total = own_channels(total)  # (B, d)
         pooled = total.pow(1.0 / gamma)
-        ctx.save_for_backward(x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, minimum, flat, powered, tilted, total, pooled)
+        ctx.save_for_backward(
+            x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, minimum, flat, powered, tilted, total, pooled
+        )
         ctx.num_heads, ctx.scale, ctx.has_bq, ctx.gamma, ctx.eps = h, scale, bq is not None, gamma, eps
         ctx.min_mode = min_mode
         return pooled, attn

@@ -72,6 +72,8 @@ class SimPool(Pool):
             raise ValueError(f"gamma must be > 0 or None, got {gamma}")
         if use_beta and gamma is None:
             raise ValueError("use_beta=True needs a gamma: beta is added after the power mean")
+        if gamma is not None and not eps > 0:
+            raise ValueError(f"eps must be > 0 with a gamma (the power's base is at least eps), got {eps}")
         if min_mode not in ("batch", "sample", "channel"):
             raise ValueError(f"min_mode must be 'batch', 'sample' or 'channel', got {min_mode!r}")
         self.num_heads = num_heads

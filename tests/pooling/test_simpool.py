@@ -179,6 +179,7 @@ def test_gradients_reach_every_parameter():
         (dict(dim=32, gamma=-1.0), "gamma must be > 0"),
         (dict(dim=32, use_beta=True), "use_beta=True needs a gamma"),
         (dict(dim=32, min_mode="global"), "min_mode must be"),
+        (dict(dim=32, gamma=1.25, eps=0.0), r"eps must be > 0 with a gamma"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -65,12 +65,16 @@ def fold_query(
 def fold_query_backward(
     du: Tensor, q: Tensor, qh: Tensor, wq: Tensor, wk: Tensor, num_heads: int, scale: float, has_bq: bool
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Gradients of :func:`fold_query` for ``du`` ``(B, h, d)``: ``(dq, d_wq, d_wk, d_bq)``."""
+    """Gradients of :func:`fold_query` for ``du`` ``(B, h, d)``: ``(d_qh, d_wq, d_wk, d_bq)``.
+
+    ``d_qh`` ``(B, d)`` is the projected query's; ``d_qh @ wq`` is the query's, for callers that need
+    the input's gradient.
+    """
     b, h, d = du.shape
     du = du * scale  # (B, h, d): scaled here, the smallest place
     d_qh = torch.einsum("bhd,hcd->bhc", du, wk.view(h, d // h, d)).reshape(b, d)
     d_wk = torch.einsum("bhc,bhd->hcd", qh.view(b, h, d // h), du).reshape(d, d)
-    return d_qh @ wq, d_qh.t() @ q, d_wk, d_qh.sum(0) if has_bq else None
+    return d_qh, d_qh.t() @ q, d_wk, d_qh.sum(0) if has_bq else None
 
 
 def _layer_norm_logits(
@@ -153,7 +157,7 @@ class _SimPoolMean(torch.autograd.Function):
         dmu = dmu - (dp * s).sum(1)
         d_uw = torch.bmm(dp, x) - (dp * mu.unsqueeze(1)).sum(-1, keepdim=True)  # (B, h, d)
         d_ln_weight = d_ln_weight + (d_uw * u).sum((0, 1))
-        dq, d_wq, d_wk, d_bq = fold_query_backward(d_uw * ln_weight, q, qh, wq, wk, h, ctx.scale, ctx.has_bq)
+        d_qh, d_wq, d_wk, d_bq = fold_query_backward(d_uw * ln_weight, q, qh, wq, wk, h, ctx.scale, ctx.has_bq)
 
         dx = None
         if ctx.needs_input_grad[0]:
@@ -165,6 +169,7 @@ class _SimPoolMean(torch.autograd.Function):
                 [(attn * r.unsqueeze(1)).transpose(1, 2), dp.transpose(1, 2), k.unsqueeze(-1), x.new_full((b, n, 1), 1.0 / n)],
                 dim=-1,
             )  # (B, N, 2h + 2)
+            dq = d_qh @ wq  # (B, d)
             vecs = torch.cat([gw, uw, x.new_ones(b, 1, d), dq.unsqueeze(1)], dim=1)  # (B, 2h + 2, d)
             if x.stride(-1) == 1:
                 dx = torch.bmm(coef, vecs)

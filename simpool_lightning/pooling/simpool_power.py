@@ -156,7 +156,7 @@ class _SimPoolPower(torch.autograd.Function):
         ds_xhat = g_s * (scratch.sum(1) - over_j[:, 1])  # (B, d): sum_j ds_jc xhat_jc
         d_ln_weight = (ds_xhat + (u * dl_xhat).sum(1)).sum(0).index_add(0, channel, dm * xhat_m)
         d_ln_bias = ds_sum.sum(0).index_add(0, channel, dm)
-        dq, d_wq, d_wk, d_bq = fold_query_backward(dl_xhat * ln_weight, q, qh, wq, wk, h, ctx.scale, ctx.has_bq)
+        d_qh, d_wq, d_wk, d_bq = fold_query_backward(dl_xhat * ln_weight, q, qh, wq, wk, h, ctx.scale, ctx.has_bq)
 
         dx = None
         if ctx.needs_input_grad[0]:
@@ -165,6 +165,7 @@ class _SimPoolPower(torch.autograd.Function):
             beta = -r.square() * mean_dz_xhat  # (B, N)
             k = -r * mean_dz - beta * mu
             coef = torch.cat([dlr.transpose(1, 2), k.unsqueeze(-1), x.new_full((b, n, 1), 1.0 / n)], -1)  # (B, N, h + 2)
+            dq = d_qh @ wq  # (B, d)
             vecs = torch.cat([u_w, x.new_ones(b, 1, d), dq.unsqueeze(1)], 1)  # (B, h + 2, d)
             dx = torch.bmm(coef, vecs, out=scratch).addcmul_(tilted, wg.unsqueeze(1)).addcmul_(x, beta.unsqueeze(-1))
             dx.view(-1).index_add_(0, flat, r.view(-1)[token] * w_dm)

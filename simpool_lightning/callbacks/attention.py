@@ -2,7 +2,7 @@
 
 The figure has one column per image and three rows: the image, its attention map as a heat map
 over it, and the contour of the locations that hold ``mass`` of the attention (thresholded as
-DINO does, :func:`~simpool_lightning.evaluation.localization.threshold_by_mass`), with the
+DINO does, :func:`~simpool_lightning.metrics.localization.threshold_by_mass`), with the
 ground-truth mask dashed where the batches carry one.
 
 Figures are drawn on matplotlib's Agg canvas directly (``FigureCanvasAgg``), never through
@@ -27,7 +27,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 
-from ..evaluation.localization import threshold_by_mass
+from ..metrics.localization import threshold_by_mass
 
 __all__ = ["AttentionMapLogger", "denormalize", "figure_to_array", "plot_attention"]
 

@@ -4,7 +4,7 @@ The paper scores attention maps on its test split with MaxBoxAccV2 (boxes) and m
 
 Box convention: ``bounding_boxes.txt`` gives ``x y width height`` in pixels from the top-left
 corner of the image; the box is ``(x, y, x + width, y + height)`` xyxy, as wsolevaluation reads it
-(pixels cover ``[j, j + 1)``, the convention of :mod:`simpool_lightning.evaluation.localization`).
+(pixels cover ``[j, j + 1)``, the convention of :mod:`simpool_lightning.metrics.localization`).
 """
 from __future__ import annotations
 

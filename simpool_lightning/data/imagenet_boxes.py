@@ -9,7 +9,7 @@ Boxes come from one of the two forms users have:
 
 Box convention: ILSVRC corners are 0-based inclusive pixel indices (``xmin`` may be 0, ``xmax``
 reaches ``width - 1``); a box here is ``(xmin, ymin, xmax + 1, ymax + 1)``, pixels covering
-``[j, j + 1)`` as in :mod:`simpool_lightning.evaluation.localization`. (wsolevaluation takes the
+``[j, j + 1)`` as in :mod:`simpool_lightning.metrics.localization`. (wsolevaluation takes the
 corners as they are; the two differ by one pixel on the far side, under half a pixel at 224.)
 
 Which boxes: those whose wnid is the image's class. In ILSVRC2012 validation every annotated object

@@ -3,7 +3,7 @@
 Layout: ``root/<dataset>/gnd_<dataset>.pkl`` and ``root/<dataset>/jpg/<name>.jpg``. The pickle is a
 dict: ``imlist`` (database names), ``qimlist`` (query names), ``gnd`` (one dict per query: ``bbx``,
 the query's crop box ``(x1, y1, x2, y2)`` in pixels, and database index lists ``easy``, ``hard``,
-``junk``). :func:`simpool_lightning.evaluation.retrieval.revisited_map` scores with ``gnd``.
+``junk``). :func:`simpool_lightning.metrics.retrieval.revisited_map` scores with ``gnd``.
 
 As the protocol says, a query is its image cropped to ``bbx`` (rounded to whole pixels, as PIL's
 ``crop`` does); database images are whole. (DINO's ``eval_image_retrieval.py`` feeds the whole

@@ -3,7 +3,7 @@
 Box convention: VOC's ``<bndbox>`` holds 1-based, inclusive pixel indices, so ``xmin = 1, xmax = W``
 spans the whole width. A box here is ``(xmin - 1, ymin - 1, xmax, ymax)``: 0-based corners with the
 pixel in column ``j`` covering ``[j, j + 1)`` (the convention of
-:mod:`simpool_lightning.evaluation.localization`, and the same numbers LOST's ``extract_gt_VOC``
+:mod:`simpool_lightning.metrics.localization`, and the same numbers LOST's ``extract_gt_VOC``
 produces). Coordinates are read as floats: a few VOC2012 annotations carry decimals.
 """
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Evaluation of pooled features and attention maps: localization metrics, k-NN, retrieval, linear probes.
+"""Evaluators: LightningModules and callbacks that load or run a model and feed its features or
+attention maps to :mod:`simpool_lightning.metrics`.
 
-The metric code takes tensors (attention maps, features, labels, boxes) and no model;
-``KNNEvaluator`` and ``LinearProbe`` are LightningModules that run a frozen model's ``features`` through it.
+``FrozenEvaluator`` subclasses (k-NN, localization, background robustness, retrieval) run under
+``simpool validate|test``; ``LinearProbe`` trains a linear head on frozen features; ``KNNCallback``
+runs k-NN during a fit. The metric names are re-exported here, where they lived before, for one
+release: import them from :mod:`simpool_lightning.metrics`.
 """
-from .knn import gather_features, knn_classify
-from .localization import (
+from ..metrics import (
     CorLoc,
     MaskIoU,
     MaxBoxAccV2,
@@ -13,8 +15,13 @@ from .localization import (
     resize_attention,
     threshold_by_mass,
     threshold_by_value,
+    PROTOCOLS,
+    average_precision,
+    compute_map,
+    gather_features,
+    knn_classify,
+    revisited_map,
 )
-from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
 from .frozen import FrozenEvaluator, FrozenFeatures, load_feature_model
 from .knn_eval import KNNCallback, KNNEvaluator, extract_features, reference_split
 from .linear import LinearProbe

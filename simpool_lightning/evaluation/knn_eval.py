@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from .accuracy import topk_values
+from ..metrics.accuracy import topk_values
 from .frozen import FrozenFeatures, load_feature_model
-from .knn import gather_features, knn_classify
+from ..metrics.knn import gather_features, knn_classify
 
 __all__ = ["AUGMENTATION_ATTRIBUTES", "KNNCallback", "KNNEvaluator", "extract_features", "reference_split"]
 

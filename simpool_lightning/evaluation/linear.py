@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .accuracy import topk_accuracy
+from ..metrics.accuracy import topk_accuracy
 from ..models.schedules import cosine_schedule
 from .frozen import FrozenFeatures, load_feature_model
 

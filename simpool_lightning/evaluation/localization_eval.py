@@ -26,7 +26,7 @@ from torchmetrics import Metric
 
 from ..models.backbone import PooledBackbone
 from .frozen import FrozenEvaluator, load_feature_model
-from .localization import CorLoc, MaskIoU, MaxBoxAccV2
+from ..metrics.localization import CorLoc, MaskIoU, MaxBoxAccV2
 
 __all__ = ["LocalizationEvaluator"]
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .frozen import FrozenEvaluator, FrozenFeatures, load_feature_model
-from .knn import gather_features
-from .retrieval import revisited_map
+from ..metrics.knn import gather_features
+from ..metrics.retrieval import revisited_map
 
 __all__ = ["MULTISCALE", "RetrievalEvaluator"]
 

@@ -12,8 +12,8 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from ..evaluation.accuracy import topk_accuracy
-from ..evaluation.localization import CorLoc, MaskIoU
+from ..metrics.accuracy import topk_accuracy
+from ..metrics.localization import CorLoc, MaskIoU
 from .backbone import PooledBackbone, PoolPlacement
 from .optim import create_optimizer
 from .schedules import cosine_schedule

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simpool_lightning.evaluation import CorLoc, MaxBoxAccV2, gather_features
+from simpool_lightning.metrics import CorLoc, MaxBoxAccV2, gather_features
 from tests.isolated import run_isolated
 
 
@@ -56,4 +56,4 @@ def two_processes() -> None:
 
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="needs the fork start method")
 def test_two_processes():
-    run_isolated("tests.evaluation.test_distributed:two_processes")
+    run_isolated("tests.metrics.test_distributed:two_processes")

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from simpool_lightning.evaluation import gather_features, knn_classify
+from simpool_lightning.metrics import gather_features, knn_classify
 
 
 def at(degrees: float, norm: float = 1.0) -> list[float]:

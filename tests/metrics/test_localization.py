@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from simpool_lightning.evaluation import (
+from simpool_lightning.metrics import (
     CorLoc,
     MaskIoU,
     MaxBoxAccV2,
@@ -17,7 +17,7 @@ from simpool_lightning.evaluation import (
     threshold_by_mass,
     threshold_by_value,
 )
-from simpool_lightning.evaluation.localization import _label
+from simpool_lightning.metrics.localization import _label
 
 
 def box_map(h: int, w: int, *boxes: tuple[int, int, int, int], value: float = 1.0) -> torch.Tensor:

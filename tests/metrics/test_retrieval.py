@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from simpool_lightning.evaluation import average_precision, compute_map, revisited_map
+from simpool_lightning.metrics import average_precision, compute_map, revisited_map
 
 # One query over a database of 6 images, ranked 4, 1, 3, 0, 5, 2 (column = query).
 RANKING = [4, 1, 3, 0, 5, 2]

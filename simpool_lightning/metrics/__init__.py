@@ -1,0 +1,39 @@
+"""Metrics: tensors in, numbers out. Imports neither models nor data.
+
+Localization of attention maps (mask IoU, CorLoc, MaxBoxAccV2), k-NN voting, revisited
+retrieval mAP and top-k accuracy, as functions and torchmetrics ``Metric`` classes whose state
+syncs across processes. The classifier and DINO modules log them; the evaluators of
+:mod:`simpool_lightning.evaluation` run models and feed them.
+"""
+from .accuracy import topk_accuracy, topk_values
+from .knn import gather_features, knn_classify
+from .localization import (
+    CorLoc,
+    MaskIoU,
+    MaxBoxAccV2,
+    box_iou,
+    largest_component_box,
+    resize_attention,
+    threshold_by_mass,
+    threshold_by_value,
+)
+from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
+
+__all__ = [
+    "PROTOCOLS",
+    "CorLoc",
+    "MaskIoU",
+    "MaxBoxAccV2",
+    "average_precision",
+    "box_iou",
+    "compute_map",
+    "gather_features",
+    "knn_classify",
+    "largest_component_box",
+    "resize_attention",
+    "revisited_map",
+    "threshold_by_mass",
+    "threshold_by_value",
+    "topk_accuracy",
+    "topk_values",
+]

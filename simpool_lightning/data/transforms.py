@@ -9,14 +9,45 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from timm.data.auto_augment import rand_augment_transform
+from PIL import Image, ImageOps
+from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-__all__ = ["ImageOnly", "build_train_transform", "build_eval_transform"]
+__all__ = ["ImageOnly", "build_train_transform", "build_eval_transform", "posterize", "rand_augment"]
+
+
+def posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
+    """Keep the top ``bits`` bits of each channel, for every integer ``bits`` as Pillow < 13 did.
+
+    timm's ``PosterizeIncreasing`` asks for 0 bits when RandAugment's sampled magnitude reaches
+    its cap of 10 (about one image in 650 under ``rand-m9-mstd0.5-inc1``). Pillow < 13 masked each
+    channel with ``~(2 ** (8 - bits) - 1)``, which turns ``bits <= 0`` into an all-black image (what
+    the paper's runs saw); Pillow 13 refuses ``bits < 1``. Here ``bits <= 0`` gives black,
+    ``1..7`` is ``ImageOps.posterize`` and ``>= 8`` the image itself, as in timm's ``posterize``.
+    Keyword arguments (timm passes ``fillcolor`` and ``resample`` to every op) are ignored.
+    """
+    if bits >= 8:
+        return image
+    if bits <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits)
+
+
+def rand_augment(config: str, hparams: dict[str, Any]) -> RandAugment:
+    """timm's ``rand_augment_transform(config, hparams)`` with its posterize ops on :func:`posterize`.
+
+    Every pipeline of this package that uses RandAugment builds it here, so none stops on
+    Pillow 13's refusal of 0 bits.
+    """
+    transform = rand_augment_transform(config, hparams)
+    for op in transform.ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return transform
 
 
 class ImageOnly(nn.Module):
@@ -76,7 +107,7 @@ def build_train_transform(
         if not auto_augment.startswith("rand"):
             raise ValueError(f"auto_augment must be a timm RandAugment string like 'rand-m9-mstd0.5-inc1', got {auto_augment!r}")
         hparams = dict(translate_const=int(image_size * 0.45), img_mean=tuple(round(255 * m) for m in mean))
-        ops += [v2.ToPILImage(), ImageOnly(rand_augment_transform(auto_augment, hparams))]
+        ops += [v2.ToPILImage(), ImageOnly(rand_augment(auto_augment, hparams))]
     ops += _to_normalized_tensor(mean, std)
     if re_prob > 0:
         ops.append(ImageOnly(RandomErasing(re_prob, mode=re_mode, device="cpu")))

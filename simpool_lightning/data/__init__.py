@@ -16,6 +16,7 @@ from .imagenet9 import IN9_CLASSES, IN9_VARIANTS, ImageNet9DataModule, in1k_to_i
 from .imagenet_boxes import ImageNetBoxesDataModule
 from .retrieval import RevisitedRetrievalDataModule
 from .voc import VOC_CLASSES, VOCDataModule
+from .coco import COCO20kDataModule
 from .synthetic import SyntheticShapes, SyntheticShapesDataModule
 from .multicrop import MultiCropTransform, PILGaussianBlur
 from .imagenet import ImageNetDataModule

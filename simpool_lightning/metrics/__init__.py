@@ -1,11 +1,13 @@
 """Metrics: tensors in, numbers out. Imports neither models nor data.
 
-Localization of attention maps (mask IoU, CorLoc, MaxBoxAccV2), k-NN voting, revisited
+Localization of attention maps (mask IoU, CorLoc, MaxBoxAccV2), object discovery as LOST
+computes it (seed, expansion, box, and its CorLoc hit rule), k-NN voting, revisited
 retrieval mAP and top-k accuracy, as functions and torchmetrics ``Metric`` classes whose state
 syncs across processes. The classifier and DINO modules log them; the evaluators of
 :mod:`simpool_lightning.evaluation` run models and feed them.
 """
 from .accuracy import topk_accuracy, topk_values
+from .discovery import DiscoveryCorLoc, LOSTResult, dino_seg_box, lost, lost_degrees, lost_iou
 from .knn import gather_features, knn_classify
 from .localization import (
     CorLoc,
@@ -22,14 +24,20 @@ from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
 __all__ = [
     "PROTOCOLS",
     "CorLoc",
+    "DiscoveryCorLoc",
+    "LOSTResult",
     "MaskIoU",
     "MaxBoxAccV2",
     "average_precision",
     "box_iou",
     "compute_map",
+    "dino_seg_box",
     "gather_features",
     "knn_classify",
     "largest_component_box",
+    "lost",
+    "lost_degrees",
+    "lost_iou",
     "resize_attention",
     "revisited_map",
     "threshold_by_mass",

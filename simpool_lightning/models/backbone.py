@@ -3,143 +3,38 @@
 The backbone's own head is removed (``num_classes=0, global_pool=""``); a pool from the registry,
 or ``"token"`` (a ViT's own [CLS] token), turns its features into one vector per image.
 
-Starting weights come from one argument, ``pretrained_path``, whose file may be any of:
-
-- a Lightning checkpoint of :class:`~simpool_lightning.models.ImageClassifier` (its
-  ``net.backbone``) or of :class:`~simpool_lightning.models.DINO` (its teacher's backbone, as
-  DINO's evaluations take it): backbone and pool, strictly, under our own names;
-- an official SimPool checkpoint (the authors' timm fork's ``.pth.tar`` with ``state_dict``, or
-  their DINO fork's ``student`` / ``teacher`` file), read by
-  :func:`simpool_lightning.interop.load_official`: backbone and pool, strictly (DINO: the teacher);
-- a plain timm state dict (``.pth`` / ``.safetensors``, optionally under ``model``): the timm
-  model only, strictly under timm's names except its classifier; the pool starts fresh.
-
-Classification heads are never loaded. Files are unpickled with ``weights_only=True`` unless the
-caller opts out (official checkpoints store an ``argparse.Namespace`` and need it).
+Starting weights come from one argument, ``pretrained_path``: any file that
+:func:`simpool_lightning.weights.read_pretrained` reads (an ``ImageClassifier`` or ``DINO``
+Lightning checkpoint, an official SimPool checkpoint, a plain timm state dict). Backbone and pool
+load strictly (a plain timm file: the timm model only, the pool starts fresh); classification
+heads are never loaded. Files are unpickled with ``weights_only=True`` unless the caller opts out.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import pickle
 import warnings
-from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional
 
 import timm
-import torch
-from safetensors.torch import load_file as load_safetensors
 from torch import Tensor, nn
 
 from ..pooling import create_pool, is_pool, list_pools
+from ..weights import PretrainedWeights, WeightsMismatchError, check_fits, read_pretrained
 
 __all__ = ["PooledBackbone", "PoolPlacement", "TOKEN_POOL", "WeightsMismatchError"]
 
 TOKEN_POOL = "token"
 PoolPlacement = Literal["after_norm", "before_norm"]
 
-# Where each of our LightningModules keeps the backbone that fine-tuning starts from.
-_LIGHTNING_BACKBONES = (("net.backbone.", "ImageClassifier checkpoint"), ("teacher.backbone.", "DINO checkpoint (teacher)"))
-_OFFICIAL_ENTRIES = ("student", "teacher", "state_dict", "state_dict_ema")
 
 
-class WeightsMismatchError(RuntimeError):
-    """Weights (a file, a checkpoint) do not fit the model: their keys or shapes differ.
-
-    Attributes:
-        path: the file, where there is one.
-        missing: keys the model needs that the file lacks.
-        unexpected: keys of the file the model has no place for.
-        mismatched: ``(key, file shape, model shape)`` for keys present in both.
-    """
-
-    _SHOWN = 20  # per list in the message; the attributes keep everything
-
-    def __init__(
-        self,
-        what: str,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
-        hint: str = "",
-        path: Optional[str] = None,
-    ) -> None:
-        self.path, self.missing, self.unexpected, self.mismatched = path, missing, unexpected, mismatched
-        lines = [f"{what} does not fit the model:"]
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mis-shaped (file vs model)", [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in mismatched]),
-        ):
-            if items:
-                more = f" ... and {len(items) - self._SHOWN} more" if len(items) > self._SHOWN else ""
-                lines.append(f"  {title} ({len(items)}): {', '.join(items[: self._SHOWN])}{more}")
-        if hint:
-            lines.append(hint)
-        super().__init__("\n".join(lines))
-
-
-def _load_strict(module: nn.Module, state: Mapping[str, Tensor], path: str, what: str, hint: str = "") -> None:
+def _load_strict(module: nn.Module, state: Mapping[str, Tensor], what: str, hint: str = "", path: Optional[str] = None) -> None:
     """Load ``state`` into ``module``; every key and shape must match, else :class:`WeightsMismatchError`."""
-    ours = module.state_dict()
-    missing = [k for k in ours if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    mismatched = [(k, tuple(state[k].shape), tuple(ours[k].shape)) for k in ours if k in state and state[k].shape != ours[k].shape]
-    if missing or unexpected or mismatched:
-        raise WeightsMismatchError(f"pretrained_path {path!r} ({what})", missing, unexpected, mismatched, hint, path)
+    check_fits({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, what, hint, path)
     module.load_state_dict(state)
 
 
-@dataclass(frozen=True)
-class _TimmWeights:
-    """A plain timm state dict read from ``path``."""
-
-    path: str
-    state: dict[str, Tensor]
-
-
-def read_weights(path: str, weights_only: bool, what: str, opt_out: str) -> Any:
-    """Read a weights file (``.safetensors``, or anything ``torch.load`` reads) onto the CPU.
-
-    Args:
-        path: the file. ``what``: how errors name it (``"pretrained_path 'x.pth'"``).
-        weights_only: refuse to unpickle anything but tensors and plain containers.
-        opt_out: how the caller turns ``weights_only`` off, for the refusal's message.
-
-    Raises:
-        FileNotFoundError: no such file. ``pickle.UnpicklingError``: ``weights_only`` refused it.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} does not exist")
-    if path.endswith(".safetensors"):  # tensors only, nothing to unpickle
-        return load_safetensors(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        if not weights_only:
-            raise
-        raise pickle.UnpicklingError(
-            f"{what} holds more than tensors and plain containers (official SimPool checkpoints store their "
-            f"training args as an argparse.Namespace), which weights_only=True refuses to unpickle. Unpickling "
-            f"can run arbitrary code: only if you trust this file, {opt_out}. torch said: {str(err).splitlines()[0]}"
-        ) from err
-
-
-def _timm_state(checkpoint: Any, path: str) -> dict[str, Tensor]:
-    """The state dict of a plain timm file: bare, or under ``model`` (DeiT-style); DDP's ``module.`` dropped."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else checkpoint
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        entries = list(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise ValueError(
-            f"pretrained_path {path!r} is none of: a Lightning checkpoint ('pytorch-lightning_version', 'state_dict'), "
-            f"an official SimPool checkpoint (one of {_OFFICIAL_ENTRIES}), a plain state dict of tensors; it holds {entries}"
-        )
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _create_timm_model(name: str, pretrained: bool, weights: Optional[_TimmWeights], **kwargs: Any) -> nn.Module:
+def _create_timm_model(name: str, pretrained: bool, weights: Optional[PretrainedWeights], **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)``, with timm's pretrained weights or a plain timm state dict loaded strictly."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
@@ -159,10 +54,10 @@ def _create_timm_model(name: str, pretrained: bool, weights: Optional[_TimmWeigh
         _load_strict(
             model,
             {k: v for k, v in weights.state.items() if k not in dropped},
-            weights.path,
-            "a plain timm state dict",
+            f"pretrained_path {weights.path!r} ({weights.source})",
             f"check the backbone name and backbone_kwargs against the file's architecture (timm {name!r}; its "
             f"classifier {sorted(dropped)} is not loaded and the pool starts fresh)",
+            weights.path,
         )
     return model
 
@@ -181,8 +76,8 @@ class PooledBackbone(nn.Module):
             (the DINO variant of the official code).
         pretrained: load timm's pretrained weights (needs the hub, or its cache).
         pretrained_path: start from this file instead: a Lightning checkpoint of ``ImageClassifier``
-            or ``DINO`` (teacher), an official SimPool checkpoint, or a plain timm state dict (see
-            the module docstring). Backbone and pool load strictly (a plain timm file: the timm
+            or ``DINO`` (teacher), an official SimPool checkpoint, or a plain timm state dict
+            (:func:`~simpool_lightning.weights.read_pretrained`). Backbone and pool load strictly (a plain timm file: the timm
             model only); a mismatch raises :class:`WeightsMismatchError` listing the keys.
         weights_only: unpickle ``pretrained_path`` with ``weights_only=True``; ``False`` only for a
             file you trust that needs it (official checkpoints).
@@ -219,16 +114,11 @@ class PooledBackbone(nn.Module):
         self.pool_kwargs: dict[str, Any] = dict(pool_kwargs or {})
         self.placement = placement
 
-        checkpoint = None
+        weights = None
         if pretrained_path is not None:
-            path = os.fspath(pretrained_path)
             opt_out = "set pretrained_weights_only=False (PooledBackbone: weights_only=False)"
-            checkpoint = read_weights(path, weights_only, f"pretrained_path {path!r}", opt_out)
-        lightning = isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint
-        official = not lightning and isinstance(checkpoint, Mapping) and any(k in checkpoint for k in _OFFICIAL_ENTRIES)
-        timm_weights = None
-        if checkpoint is not None and not (lightning or official):
-            timm_weights = _TimmWeights(os.fspath(pretrained_path), _timm_state(checkpoint, os.fspath(pretrained_path)))
+            weights = read_pretrained(os.fspath(pretrained_path), weights_only, opt_out)
+        timm_weights = weights if weights is not None and weights.timm_only else None
 
         kwargs = dict(model_kwargs, num_classes=0, global_pool="")
         token = pool == TOKEN_POOL
@@ -266,65 +156,31 @@ class PooledBackbone(nn.Module):
             self.final_norm.load_state_dict(head_norm.state_dict())
             self.model.head.norm = nn.Identity()
 
-        if lightning:
-            self._load_lightning(checkpoint, os.fspath(pretrained_path))
-        elif official:
-            self._load_official(checkpoint, os.fspath(pretrained_path), name, model_kwargs, weights_only)
+        if weights is not None and not weights.timm_only:
+            self._load_pretrained(weights)
 
-    def _load_lightning(self, checkpoint: Mapping[str, Any], path: str) -> None:
-        """Backbone and pool of an ``ImageClassifier`` or ``DINO`` (teacher) Lightning checkpoint."""
-        state = checkpoint.get("state_dict") or {}
-        for prefix, what in _LIGHTNING_BACKBONES:
-            backbone = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-            if backbone:
-                break
-        else:
+    def _load_pretrained(self, weights: PretrainedWeights) -> None:
+        """Backbone and pool from our Lightning checkpoints or an official one, strictly."""
+        recorded = weights.recorded
+        if weights.official and self.pool_name == "simpool" and "gamma" in recorded and recorded["gamma"] != self.pool.gamma:
+            # gamma is no weight: the strict load cannot see it, but the official args record it.
             raise ValueError(
-                f"pretrained_path {path!r} is a Lightning checkpoint with no backbone under "
-                f"{[p for p, _ in _LIGHTNING_BACKBONES]}; its modules: {sorted({k.split('.')[0] for k in state})}"
+                f"pretrained_path {weights.path!r} was trained with SimPool gamma={recorded['gamma']}, this model has "
+                f"gamma={self.pool.gamma}: set pool_kwargs.gamma (null for none) as the checkpoint was trained"
             )
-        hp = checkpoint.get("hyper_parameters") or {}
-        theirs = {k: hp[k] for k in ("backbone", "backbone_kwargs", "pool", "pool_kwargs", "placement") if k in hp}
-        _load_strict(self, backbone, path, what, f"the checkpoint's model: {theirs}" if theirs else "")
-        if (hp.get("pool"), hp.get("pool_kwargs") or {}) != (self.pool_name, self.pool_kwargs):
+        if weights.official:
+            hint = f"the checkpoint pools with {recorded.get('pool')!r}, placement={recorded.get('placement', 'after_norm')!r}"
+        else:
+            hint = f"the checkpoint's model: {recorded}" if recorded else ""
+        _load_strict(self, weights.state, f"pretrained_path {weights.path!r} ({weights.source})", hint, weights.path)
+        if not weights.official and (recorded.get("pool"), recorded.get("pool_kwargs") or {}) != (self.pool_name, self.pool_kwargs):
             # Not weights (gamma, say), so the strict load cannot see them: say so rather than fine-tune another pool.
             warnings.warn(
-                f"pretrained_path {path!r} was trained with pool={hp.get('pool')!r}, pool_kwargs={hp.get('pool_kwargs')}; "
-                f"this model has pool={self.pool_name!r}, pool_kwargs={self.pool_kwargs}",
+                f"pretrained_path {weights.path!r} was trained with pool={recorded.get('pool')!r}, "
+                f"pool_kwargs={recorded.get('pool_kwargs')}; this model has pool={self.pool_name!r}, "
+                f"pool_kwargs={self.pool_kwargs}",
                 stacklevel=3,
             )
-
-    def _load_official(self, checkpoint: Mapping[str, Any], path: str, name: str, model_kwargs: dict[str, Any], weights_only: bool) -> None:
-        """Backbone and pool of an official SimPool checkpoint (supervised; DINO: the teacher)."""
-        from ..interop import load_official  # interop builds our models: import it late
-        from .dino import DINO
-
-        # The architecture is ours; the stochastic depth is not in the weights (and DINO refuses it here).
-        kwargs: dict[str, Any] = dict(
-            backbone=name,
-            pool=self.pool_name,
-            backbone_kwargs={k: v for k, v in model_kwargs.items() if k != "drop_path_rate"},
-        )
-        if self.pool_name == "simpool":
-            # gamma is no weight: the strict load cannot see it, but the official args record it.
-            args = checkpoint.get("args")
-            recorded = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-            if "gamma" in recorded and recorded["gamma"] != self.pool.gamma:
-                raise ValueError(
-                    f"pretrained_path {path!r} was trained with SimPool gamma={recorded['gamma']}, this model has "
-                    f"gamma={self.pool.gamma}: set pool_kwargs.gamma (null for none) as the checkpoint was trained"
-                )
-            kwargs["pool_kwargs"] = {**self.pool_kwargs, "gamma": self.pool.gamma}
-        what = "an official SimPool checkpoint"
-        try:
-            model = load_official(path, weights_only=weights_only, **kwargs)
-        except WeightsMismatchError as err:
-            described = f"pretrained_path {path!r} ({what}, official key names)"
-            raise WeightsMismatchError(described, err.missing, err.unexpected, err.mismatched, path=path) from err
-        except (ValueError, NotImplementedError) as err:
-            raise type(err)(f"pretrained_path {path!r} ({what}): {err}") from err
-        source: PooledBackbone = model.teacher.backbone if isinstance(model, DINO) else model.backbone
-        _load_strict(self, source.state_dict(), path, what, f"the checkpoint pools with {source.pool_name!r}, placement={source.placement!r}")
 
     def forward_features(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` images -> maps ``(B, C, h, w)`` or tokens ``(B, N, C)``.

@@ -1,9 +1,10 @@
-"""Localization metrics on hand-worked cases; DDP-style merging of their states."""
+"""Localization metrics on hand-worked cases, MaxBoxAccV2 against a transcription of wsolevaluation; DDP-style merging of their states."""
 from __future__ import annotations
 
 import math
 from collections import deque
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,7 +18,8 @@ from simpool_lightning.metrics import (
     threshold_by_mass,
     threshold_by_value,
 )
-from simpool_lightning.metrics.localization import _label
+from simpool_lightning.metrics.localization import _label, resize_scoremaps
+from tests.reference import wsolevaluation
 
 
 def box_map(h: int, w: int, *boxes: tuple[int, int, int, int], value: float = 1.0) -> torch.Tensor:
@@ -240,6 +242,158 @@ def test_corloc_rejects_bad_boxes():
 
 
 # ---------------------------------------------------------------- MaxBoxAccV2
+# Default protocol: wsolevaluation's released code (tests/reference/wsolevaluation.py transcribes
+# it). Maps are 8-bit quantised, so a map value v in [0, 1] is int(255 v) and is kept at CAM
+# threshold t = i / 1000 while int(255 v) > int(255 t). Boxes are (x, y, x + w, y + h) of each
+# OpenCV contour, right and bottom clipped to W - 1, H - 1, and IoU counts both corners (+ 1).
+
+
+def test_maxboxacc_v2_ring_whose_object_is_its_hole():
+    # A ring of ones, outside (8, 8, 24, 24), hole (12, 12, 20, 20), on a 32 x 32 map; the object is
+    # the hole. At every threshold the ring is kept and RETR_TREE gives two contours:
+    #   outer: boundingRect (8, 8, 16, 16) -> box (8, 8, 24, 24), inclusive 17 x 17;
+    #   hole:  traced on the ring pixels around it, rows and columns 11 .. 20 -> (11, 11, 21, 21), 11 x 11.
+    # Ground truth (12, 12, 20, 20) is 9 x 9 = 81 inclusive and lies inside both:
+    #   IoU(hole box) = 81 / 121 = 0.669, IoU(outer box) = 81 / 289 = 0.28.
+    # So BoxAcc@0.3 = BoxAcc@0.5 = 1, BoxAcc@0.7 = 0: MaxBoxAccV2 = 2/3.
+    ring = box_map(32, 32, (8, 8, 24, 24)) - box_map(32, 32, (12, 12, 20, 20))
+    gt = [torch.tensor([[12.0, 12.0, 20.0, 20.0]])]
+    metric = MaxBoxAccV2()
+    metric.update(ring[None], gt)
+    assert metric.hits.sum(1).tolist() == [1000, 1000, 0]
+    result = metric.compute()
+    assert [result[f"BoxAcc@{d}"].item() for d in (0.3, 0.5, 0.7)] == [1.0, 1.0, 0.0]
+    assert result["MaxBoxAccV2"].item() == pytest.approx(2 / 3)
+    # The components reading sees only the ring's box (8, 8, 24, 24): IoU 64 / 256 = 0.25 everywhere.
+    components = MaxBoxAccV2(protocol="components")
+    components.update(ring[None], gt)
+    assert components.compute()["MaxBoxAccV2"].item() == 0.0
+
+
+def test_maxboxacc_v2_two_blobs_with_the_object_on_the_smaller():
+    # A bright 10 x 10 decoy (1.0 -> 255) and a dim 4 x 4 object (0.5 -> int(127.5) = 127), gt on the object.
+    # The object is kept while int(255 t) < 127, i.e. for t = 0.000 .. 0.498 (int(0.499 * 255) = 127):
+    # 499 thresholds, at which it is one of two contours and its box (2, 2, 6, 6) matches the gt
+    # exactly (IoU 1); above, only the decoy is left (IoU 0). Every contour counts, so the largest
+    # (the decoy) does not hide the object: MaxBoxAccV2 = 1.
+    cam = box_map(32, 32, (18, 18, 28, 28)) + box_map(32, 32, (2, 2, 6, 6), value=0.5)
+    metric = MaxBoxAccV2()
+    metric.update(cam[None], [torch.tensor([[2.0, 2.0, 6.0, 6.0]])])
+    assert metric.hits.sum(1).tolist() == [499, 499, 499]
+    assert metric.hits[:, :499].all() and not metric.hits[:, 499:].any()
+    assert metric.compute()["MaxBoxAccV2"].item() == 1.0
+    # Float thresholds (the components reading) keep the object while 0.5 > t: 500 thresholds.
+    components = MaxBoxAccV2(protocol="components")
+    components.update(cam[None], [torch.tensor([[2.0, 2.0, 6.0, 6.0]])])
+    assert components.hits.sum(1).tolist() == [500, 500, 500]
+
+
+def test_maxboxacc_v2_box_touching_the_image_border():
+    # A 4 x 4 blob in the bottom-right corner of a 16 x 16 map: boundingRect (12, 12, 4, 4) gives
+    # (12, 12, 16, 16), clipped to (12, 12, 15, 15): inclusive 4 x 4 = 16. Its ground truth
+    # (12, 12, 16, 16) is inclusive 5 x 5 = 25, so IoU = 16 / 25 = 0.64: a hit at 0.3 and 0.5, not 0.7.
+    # The same blob inside the frame, (4, 4, 8, 8), is not clipped: IoU 25 / 25 = 1.
+    # BoxAcc = 1, 1, 1/2: MaxBoxAccV2 = 5/6.
+    maps = torch.stack([box_map(16, 16, (12, 12, 16, 16)), box_map(16, 16, (4, 4, 8, 8))])
+    gt = [torch.tensor([[12.0, 12.0, 16.0, 16.0]]), torch.tensor([[4.0, 4.0, 8.0, 8.0]])]
+    metric = MaxBoxAccV2()
+    metric.update(maps, gt)
+    result = metric.compute()
+    assert [result[f"BoxAcc@{d}"].item() for d in (0.3, 0.5, 0.7)] == [1.0, 1.0, 0.5]
+    assert result["MaxBoxAccV2"].item() == pytest.approx(5 / 6)
+    components = MaxBoxAccV2(protocol="components")  # no clipping, plain IoU: both exact
+    components.update(maps, gt)
+    assert components.compute()["MaxBoxAccV2"].item() == 1.0
+
+
+def test_maxboxacc_v2_constant_map_predicts_the_box_0_0_0_0():
+    # A constant map normalises to zeros: nothing exceeds any threshold, no contour, and the
+    # reference's stand-in box (0, 0, 0, 0) is one pixel inclusive. Against the gt (0, 0, 1, 1)
+    # (2 x 2 = 4 inclusive) its IoU is 1/4: a hit at delta 0.25, not at 0.3. A map with a NaN
+    # counts as zeros too; against a gt away from the corner the stand-in box scores 0.
+    corner, away = torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[2.0, 2.0, 6.0, 6.0]])
+    metric = MaxBoxAccV2(iou_thresholds=(0.25, 0.3))
+    metric.update(torch.full((1, 8, 8), 0.5), [corner])
+    assert metric.hits.sum(1).tolist() == [1000, 0]
+    nan_map = torch.rand(1, 8, 8)
+    nan_map[0, 3, 3] = float("nan")
+    metric.update(torch.cat([nan_map, torch.full((1, 8, 8), -2.0)]), [corner, away])
+    result = metric.compute()
+    assert result["BoxAcc@0.25"].item() == pytest.approx(2 / 3) and result["BoxAcc@0.3"].item() == 0.0
+
+
+def random_scoremaps(seed: int, n: int, grid: tuple[int, int], size: tuple[int, int]):
+    """Low-resolution random maps (as a model gives them) and 1 to 3 random boxes each with
+    fractional coordinates, in the frame of `size`."""
+    rng = np.random.default_rng(seed)
+    cams = rng.random((n, *grid)).astype(np.float32)
+    height, width = size
+    boxes = []
+    for _ in range(n):
+        k = int(rng.integers(1, 4))
+        x1, y1 = rng.uniform(0, width - 2, k), rng.uniform(0, height - 2, k)
+        x2, y2 = rng.uniform(x1 + 1, width), rng.uniform(y1 + 1, height)
+        boxes.append(torch.tensor(np.stack([x1, y1, x2, y2], axis=1), dtype=torch.float32))
+    return cams, boxes
+
+
+@pytest.mark.parametrize("seed, grid, size", [(0, (6, 6), (48, 48)), (1, (5, 7), (40, 56)), (2, (14, 14), (112, 112))])
+def test_maxboxacc_v2_equals_wsolevaluation_on_random_maps(seed, grid, size):
+    cams, boxes = random_scoremaps(seed, 24, grid, size)
+    cams[3] = 0.25  # a constant map
+    metric = MaxBoxAccV2()
+    metric.update(resize_scoremaps(torch.from_numpy(cams), size), boxes)
+    reference = wsolevaluation.BoxEvaluator()
+    for cam, gt in zip(cams, boxes):
+        reference.accumulate(wsolevaluation.resize_and_normalize(cam, *size), gt.tolist())
+    # The per-threshold counts are integers: equal exactly; the scores to float32 rounding.
+    assert metric.hits.tolist() == [reference.num_correct[d].astype(int).tolist() for d in (30, 50, 70)]
+    box_acc, max_box_acc_v2 = reference.compute()
+    result = metric.compute()
+    assert [result[f"BoxAcc@{d}"].item() * 100 for d in (0.3, 0.5, 0.7)] == pytest.approx(box_acc, abs=1e-4)
+    assert result["MaxBoxAccV2"].item() == pytest.approx(max_box_acc_v2 / 100, abs=1e-6)
+
+
+def test_resize_scoremaps_is_opencv_bicubic_in_float64():
+    cam = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    out = resize_scoremaps(cam[None], (4, 6))
+    assert out.dtype == torch.float64 and out.shape == (1, 4, 6)
+    expected = cv2.resize(cam.double().numpy(), (6, 4), interpolation=cv2.INTER_CUBIC)
+    assert np.array_equal(out[0].numpy(), expected)
+    assert out.min() < 0  # bicubic overshoots; the metric's normalisation takes care of it
+    assert torch.equal(resize_scoremaps(cam[None], (2, 2))[0], cam.double())
+    with pytest.raises(ValueError, match=r"attn must be a floating tensor of shape \(B, h, w\)"):
+        resize_scoremaps(cam, (4, 4))
+
+
+def test_maxboxacc_v2_threshold_grid_and_arguments():
+    grid = MaxBoxAccV2().cam_thresholds
+    assert torch.equal(grid, torch.from_numpy(np.arange(0, 1, 0.001))) and len(grid) == 1000
+    assert MaxBoxAccV2().hits.shape == (3, 1000)
+    assert len(MaxBoxAccV2(num_thresholds=100).cam_thresholds) == 100
+    with pytest.raises(ValueError, match="iou_thresholds"):
+        MaxBoxAccV2(iou_thresholds=(0.5, 1.5))
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        MaxBoxAccV2(protocol="opencv")
+    with pytest.raises(ValueError, match="connectivity=4 applies to protocol='components' only"):
+        MaxBoxAccV2(connectivity=4)
+    MaxBoxAccV2(protocol="components", connectivity=4)
+    metric = MaxBoxAccV2()
+    with pytest.raises(ValueError, match=r"boxes\[0\] must be xyxy with non-negative coordinates"):
+        metric.update(torch.rand(1, 8, 8), [torch.tensor([[-1.0, 0.0, 4.0, 4.0]])])
+    with pytest.raises(ValueError, match=r"boxes\[0\] must be xyxy"):
+        metric.update(torch.rand(1, 8, 8), [torch.tensor([[4.0, 0.0, 2.0, 4.0]])])
+    with pytest.raises(ValueError, match="infinite"):
+        metric.update(torch.full((1, 8, 8), float("inf")), [torch.tensor([[0.0, 0.0, 4.0, 4.0]])])
+
+
+def test_maxboxacc_v2_skips_images_without_boxes():
+    metric = MaxBoxAccV2()
+    metric.update(torch.stack([box_map(8, 8, (2, 2, 6, 6))] * 2), [torch.tensor([[2.0, 2.0, 6.0, 6.0]]), torch.zeros(0, 4)])
+    assert metric.total.item() == 1 and metric.compute()["MaxBoxAccV2"].item() == 1.0
+
+
+# The earlier connected-component reading, kept as protocol="components".
 
 
 def nested_map() -> torch.Tensor:
@@ -259,7 +413,7 @@ GT_A = torch.tensor([[0.0, 0.0, 4.0, 4.0]])
 GT_B = torch.tensor([[0.0, 0.0, 3.0, 3.0]])
 
 
-def test_maxboxacc_v2_hand_worked():
+def test_maxboxacc_v2_components_hand_worked():
     # CAM thresholds t = 0, 0.25, 0.5, 0.75; a location is kept when its normalised value > t.
     # Image A, gt (0, 0, 4, 4), 16 px:
     #   t = 0, 0.25: the 6x6, IoU 16/36 = 0.44;  t = 0.5: the 4x4, IoU 1;  t = 0.75: the 2x2, IoU 4/16 = 0.25.
@@ -272,7 +426,7 @@ def test_maxboxacc_v2_hand_worked():
     #   delta 0.5: A 0 0 1 0, B 1 1 0 0 -> 1 1 1 0 -> BoxAcc 1/2
     #   delta 0.7: as 0.5                       -> BoxAcc 1/2
     # MaxBoxAccV2 = (1 + 1/2 + 1/2) / 3 = 2/3: no single threshold suits both images.
-    metric = MaxBoxAccV2(num_thresholds=4)
+    metric = MaxBoxAccV2(num_thresholds=4, protocol="components")
     metric.update(torch.stack([nested_map(), 2 * decoy_map() + 1]), [GT_A, GT_B])
     assert metric.hits.tolist() == [[2, 2, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
     result = metric.compute()
@@ -283,21 +437,15 @@ def test_maxboxacc_v2_hand_worked():
     assert result["MaxBoxAccV2"].item() == pytest.approx(2 / 3)
 
 
-def test_maxboxacc_v2_perfect_wrong_and_constant_maps():
+def test_maxboxacc_v2_components_perfect_wrong_and_constant_maps():
     gt = torch.tensor([[2.0, 2.0, 6.0, 6.0]])
-    metric = MaxBoxAccV2(num_thresholds=10)
+    metric = MaxBoxAccV2(num_thresholds=10, protocol="components")
     metric.update(box_map(8, 8, (2, 2, 6, 6))[None], [gt])
     assert metric.compute()["MaxBoxAccV2"].item() == 1.0
-    metric = MaxBoxAccV2(num_thresholds=10)
+    metric = MaxBoxAccV2(num_thresholds=10, protocol="components")
     # A constant map normalises to zeros and predicts nothing; the other misses the object.
     metric.update(torch.stack([torch.full((8, 8), 0.5), box_map(8, 8, (6, 6, 8, 8))]), [gt, gt])
     assert metric.compute()["MaxBoxAccV2"].item() == 0.0
-
-
-def test_maxboxacc_v2_threshold_grid():
-    assert MaxBoxAccV2().cam_thresholds.tolist() == [i / 100 for i in range(100)]
-    with pytest.raises(ValueError, match="iou_thresholds"):
-        MaxBoxAccV2(iou_thresholds=(0.5, 1.5))
 
 
 # ---------------------------------------------------------------- DDP-style merging
@@ -320,7 +468,8 @@ def random_batch(seed: int, n: int = 6):
     [
         (lambda: MaskIoU(mass=0.5), "mask"),
         (lambda: CorLoc(iou_threshold=0.3), "boxes"),
-        (lambda: MaxBoxAccV2(num_thresholds=20), "boxes"),
+        (lambda: MaxBoxAccV2(), "boxes"),
+        (lambda: MaxBoxAccV2(num_thresholds=20, protocol="components"), "boxes"),
     ],
 )
 def test_merged_halves_equal_single_instance(make, target):

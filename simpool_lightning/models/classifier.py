@@ -15,6 +15,7 @@ from torchmetrics import MetricCollection
 from ..metrics.accuracy import topk_accuracy
 from ..metrics.localization import CorLoc, MaskIoU
 from .backbone import PooledBackbone, PoolPlacement
+from .lr_scaling import LRScale, check_lr_settings, resolve_lr
 from .optim import create_optimizer
 from .schedules import cosine_schedule
 
@@ -71,9 +72,18 @@ class ImageClassifier(pl.LightningModule):
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's ``Mixup``; off when both
             alphas are 0. Needs an even batch size.
         optimizer: a ``timm.optim`` name: ``adamw``, ``sgd``, ``lamb``, ``lars`` ...
-        lr, weight_decay, momentum: optimizer settings (no weight decay on biases and norms).
-        warmup_epochs, warmup_lr, min_lr: per-step linear warm-up from ``warmup_lr`` to ``lr``, then
-            cosine to ``min_lr`` at the end of training.
+        lr: peak learning rate, used as given whatever the batch. None (default): from ``lr_base``.
+        lr_base, lr_base_size, lr_base_scale: peak learning rate ``lr_base`` at the global batch
+            ``lr_base_size``, scaled in ``configure_optimizers`` to this run's global batch (the
+            training loader's batch size x ``trainer.world_size`` x gradient-accumulation steps),
+            ``"linear"`` or ``"sqrt"`` in the ratio; ``lr_base_scale=None`` picks as timm's
+            ``train.py`` does (sqrt for adaptive optimizers such as AdamW, linear for SGD and LARS).
+            ``lr_base_size=None`` uses ``lr_base`` unscaled (5e-4 with nothing set). See
+            :mod:`simpool_lightning.models.lr_scaling`; the result is ``lr_scaled``, also logged
+            as a hyperparameter.
+        weight_decay, momentum: optimizer settings (no weight decay on biases and norms).
+        warmup_epochs, warmup_lr, min_lr: per-step linear warm-up from ``warmup_lr`` to the peak
+            learning rate, then cosine to ``min_lr`` at the end of training (neither is scaled).
         ema_decay: keep a model EMA (timm's ``ModelEmaV3``) with this decay and validate it as
             ``val_ema/*``; ``None`` for none.
         attention_mass: attention mass kept when thresholding maps for mask IoU and CorLoc.
@@ -101,7 +111,10 @@ class ImageClassifier(pl.LightningModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         optimizer: str = "adamw",
-        lr: float = 5e-4,
+        lr: Optional[float] = None,
+        lr_base: float = 5e-4,
+        lr_base_size: Optional[int] = None,
+        lr_base_scale: Optional[LRScale] = None,
         weight_decay: float = 0.05,
         momentum: float = 0.9,
         warmup_epochs: float = 5.0,
@@ -114,6 +127,8 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        check_lr_settings(lr, lr_base, lr_base_size, lr_base_scale)
+        self.lr_scaled: Optional[float] = None  # the peak learning rate, resolved in configure_optimizers
         model_kwargs = dict(backbone_kwargs or {})
         if drop_path_rate:
             model_kwargs["drop_path_rate"] = drop_path_rate
@@ -272,13 +287,14 @@ class ImageClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = create_optimizer(self.net, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum)
         total = int(self.trainer.estimated_stepping_batches)
+        lr = self.lr_scaled = resolve_lr(self.trainer, hp.optimizer, hp.lr, hp.lr_base, hp.lr_base_size, hp.lr_base_scale)
+        optimizer = create_optimizer(self.net, hp.optimizer, lr, hp.weight_decay, hp.momentum)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         warmup = min(total, round(hp.warmup_epochs * total / epochs))
 
         def factor(step: int) -> float:
-            return cosine_schedule(step, total, 1.0, hp.min_lr / hp.lr, warmup, hp.warmup_lr / hp.lr)
+            return cosine_schedule(step, total, 1.0, hp.min_lr / lr, warmup, hp.warmup_lr / lr)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from .backbone import TOKEN_POOL, PooledBackbone, PoolPlacement, _create_timm_model
 from .classifier import attention_to_maps
 from .dino_head import DINOHead, DINOLoss, MultiCropNet
+from .lr_scaling import LRScale, check_lr_settings, resolve_lr
 from .optim import fused_supported
 from .schedules import cosine_schedule
 
@@ -102,9 +103,18 @@ class DINO(pl.LightningModule):
         momentum_teacher: teacher EMA momentum at step 0; it rises to 1 with a per-step cosine.
         optimizer: ``"adamw"`` (ViTs), ``"sgd"`` (momentum 0.9) or ``"lars"`` (timm's LARS,
             momentum 0.9; for CNNs and large batches).
-        lr: peak learning rate after warm-up, for the global batch. DINO scales a base rate by
-            the linear rule ``lr = base_lr * global_batch / 256``; the configs show the arithmetic.
-        min_lr: learning rate at the end of the cosine.
+        lr: peak learning rate after warm-up, used as given whatever the batch. None (default):
+            from ``lr_base``.
+        lr_base, lr_base_size, lr_base_scale: peak learning rate ``lr_base`` at the global batch
+            ``lr_base_size``, scaled in ``configure_optimizers`` to this run's global batch (images,
+            not crops: the training loader's batch size x ``trainer.world_size`` x accumulation
+            steps). DINO's rule is linear per 256 images (``lr_base_size=256``,
+            ``lr_base_scale="linear"``, as the recipes set it); ``lr_base_scale=None`` picks as
+            timm's ``train.py`` (sqrt for AdamW, linear for SGD and LARS) and ``lr_base_size=None``
+            uses ``lr_base`` unscaled (5e-4 with nothing set). See
+            :mod:`simpool_lightning.models.lr_scaling`; the result is ``lr_scaled``, also logged
+            as a hyperparameter.
+        min_lr: learning rate at the end of the cosine (not scaled, as in DINO).
         warmup_epochs: epochs of linear learning-rate warm-up from 0 (per step).
         weight_decay, weight_decay_end: cosine weight-decay schedule per step (biases and norm
             parameters get none).
@@ -144,7 +154,10 @@ class DINO(pl.LightningModule):
         warmup_teacher_temp_epochs: int = 0,
         momentum_teacher: float = 0.996,
         optimizer: Literal["adamw", "sgd", "lars"] = "adamw",
-        lr: float = 5e-4,
+        lr: Optional[float] = None,
+        lr_base: float = 5e-4,
+        lr_base_size: Optional[int] = None,
+        lr_base_scale: Optional[LRScale] = None,
         min_lr: float = 1e-6,
         warmup_epochs: float = 10,
         weight_decay: float = 0.04,
@@ -159,6 +172,7 @@ class DINO(pl.LightningModule):
             raise ValueError("set DINO's drop_path_rate, not backbone_kwargs['drop_path_rate']: the teacher has none")
         if optimizer not in ("adamw", "sgd", "lars"):
             raise ValueError(f"optimizer must be 'adamw', 'sgd' or 'lars', got {optimizer!r}")
+        check_lr_settings(lr, lr_base, lr_base_size, lr_base_scale)
         if not 0 <= momentum_teacher <= 1:
             raise ValueError(f"momentum_teacher must be in [0, 1], got {momentum_teacher}")
         if min(teacher_temp, warmup_teacher_temp) <= 0 or warmup_teacher_temp_epochs < 0:
@@ -193,6 +207,7 @@ class DINO(pl.LightningModule):
         self.feature_dim: int = self.teacher.backbone.out_dim
         self._total_steps = 0
         self._steps_per_epoch = 0
+        self.lr_scaled: Optional[float] = None  # the peak learning rate, resolved in configure_optimizers
 
     # ------------------------------------------------------------------ representations
 
@@ -233,7 +248,7 @@ class DINO(pl.LightningModule):
         warm = hp.warmup_teacher_temp_epochs
         progress = 1.0 if epoch >= warm else epoch / max(warm - 1, 1)
         return {
-            "lr": cosine_schedule(step, total, hp.lr, hp.min_lr, warmup),
+            "lr": cosine_schedule(step, total, self.lr_scaled, hp.min_lr, warmup),
             "wd": cosine_schedule(step, total, hp.weight_decay, hp.weight_decay_end),
             "momentum": cosine_schedule(step, total, hp.momentum_teacher, 1.0),
             "teacher_temp": hp.warmup_teacher_temp + progress * (hp.teacher_temp - hp.warmup_teacher_temp),
@@ -286,15 +301,16 @@ class DINO(pl.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         # lr and weight decay are set every step by training_step from the schedules.
         hp = self.hparams
+        lr = self.lr_scaled = resolve_lr(self.trainer, hp.optimizer, hp.lr, hp.lr_base, hp.lr_base_size, hp.lr_base_scale)
         groups = dino_param_groups(self.student)
         fused = fused_supported(self.student.parameters())
         if hp.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay, fused=fused)
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay, fused=fused)
+            return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=hp.weight_decay, fused=fused)
         # DINO's LARS adapts the regularised weights only, whatever their weight decay.
         groups[0]["always_adapt"] = True
-        return Lars(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        return Lars(groups, lr=lr, momentum=0.9, weight_decay=hp.weight_decay)
 
     @staticmethod
     def _crops(batch: dict[str, Any]) -> Sequence[Tensor]:

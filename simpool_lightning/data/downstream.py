@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from scipy.io import loadmat
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.datasets import Flowers102
@@ -94,8 +95,6 @@ def read_table(path: str | os.PathLike, num_fields: int, what: str) -> list[list
 
 def load_mat(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict[str, Any]:
     """Read a MATLAB file with ``squeeze_me=True`` (as torchvision does) and check it has ``keys``."""
-    from scipy.io import loadmat  # scipy is only needed for the .mat datasets
-
     path = require_file(path, what)
     try:
         content = loadmat(path, squeeze_me=True)

@@ -4,14 +4,8 @@ from .collate import collate_samples
 from .io import BadImageError, FileDataset, FileSample, load_rgb
 from .transforms import build_eval_transform, build_train_transform
 from .cub import CUB200DataModule
-from .downstream import (
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    ClassificationDataModule,
-    DownstreamDataModule,
-    Flowers102DataModule,
-    StanfordCarsDataModule,
-)
+from .downstream import ClassificationDataModule, DownstreamDataModule
+from .classification import CIFAR10DataModule, CIFAR100DataModule, Flowers102DataModule, StanfordCarsDataModule
 from .imagenet9 import IN9_CLASSES, IN9_VARIANTS, ImageNet9DataModule, in1k_to_in9_index, map_in1k_to_in9, predict_in9
 from .imagenet_boxes import ImageNetBoxesDataModule
 from .retrieval import RevisitedRetrievalDataModule

@@ -4,7 +4,8 @@
 teacher) and scores ``model.attention_maps`` on whatever the batches carry:
 
 - ``boxes``: MaxBoxAccV2 (``BoxAcc`` at IoU 0.3, 0.5, 0.7 and their mean; the paper's CUB and
-  ImageNet protocol) and CorLoc (the object-discovery protocol on VOC07 / VOC12);
+  ImageNet protocol, computed as clovaai/wsolevaluation computes it) and CorLoc of the
+  thresholded map's largest component;
 - ``mask``: mask IoU (Jaccard) of the thresholded map with the foreground mask.
 
 ::
@@ -12,7 +13,10 @@ teacher) and scores ``model.attention_maps`` on whatever the batches carry:
     simpool test -c configs/downstream/loc_cub.yaml --data.init_args.root /data \\
         --model.init_args.checkpoint runs/supervised/vit_s_simpool/checkpoints/last.ckpt
 
-The maps are upsampled to the batch's image size, the frame its boxes and masks are given in.
+The maps are brought to the batch's image size, the frame its boxes and masks are given in: for
+MaxBoxAccV2 as wsolevaluation's ``inference.py`` does (bicubic ``cv2.resize`` of the map in
+float64, :func:`~simpool_lightning.metrics.localization.resize_scoremaps`), for CorLoc and mask
+IoU bilinearly (``attention_to_maps``, as the models draw their maps).
 Every metric is a torchmetrics object that sums its counts, so under DDP each process scores its
 shard (the evaluation sampler does not pad) and the logged numbers cover the whole dataset.
 """
@@ -24,9 +28,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from ..metrics.localization import BOX_PROTOCOLS, CorLoc, MaskIoU, MaxBoxAccV2, resize_scoremaps
 from ..models.backbone import PooledBackbone
+from ..models.classifier import attention_to_maps
 from .frozen import FrozenEvaluator, load_feature_model
-from ..metrics.localization import CorLoc, MaskIoU, MaxBoxAccV2
 
 __all__ = ["LocalizationEvaluator"]
 
@@ -42,9 +47,15 @@ class LocalizationEvaluator(FrozenEvaluator):
         model, checkpoint, model_kwargs: the model, as for
             :func:`~simpool_lightning.evaluation.load_feature_model`: a class path
             (``"simpool_lightning.models.ImageClassifier"``, ``"DINO"``) and its Lightning
-            checkpoint, or a built module. It needs ``attention_maps(images, size) -> (B, H, W)``.
+            checkpoint, or a built module. It needs ``attention_maps(images) -> (B, h, w)``, the
+            maps at the model's feature grid (as ``ImageClassifier`` and ``DINO`` give them).
         iou_thresholds: MaxBoxAccV2's IoU thresholds (wsolevaluation: 0.3, 0.5, 0.7).
-        num_thresholds: MaxBoxAccV2's CAM thresholds swept over ``[0, 1)`` (wsolevaluation: 100).
+        num_thresholds: MaxBoxAccV2's CAM thresholds ``np.arange(0, 1, 1 / num_thresholds)``
+            (wsolevaluation: ``cam_curve_interval`` 0.001, i.e. 1000).
+        box_protocol: ``"wsolevaluation"`` (default): the released code's MaxBoxAccV2 on maps
+            resized bicubically by OpenCV; ``"components"``: the package's earlier reading (see
+            :class:`~simpool_lightning.metrics.MaxBoxAccV2`) on the bilinear maps, which
+            differs on purpose and does not reproduce published numbers.
         corloc_iou: IoU a CorLoc box needs with some ground-truth box (LOST: 0.5).
         mass: attention mass kept when thresholding maps for CorLoc and mask IoU (DINO: 0.6).
 
@@ -58,11 +69,14 @@ class LocalizationEvaluator(FrozenEvaluator):
         checkpoint: Optional[str] = None,
         model_kwargs: Optional[dict[str, Any]] = None,
         iou_thresholds: Sequence[float] = (0.3, 0.5, 0.7),
-        num_thresholds: int = 100,
+        num_thresholds: int = 1000,
         corloc_iou: float = 0.5,
         mass: float = 0.6,
+        box_protocol: str = "wsolevaluation",
     ) -> None:
         super().__init__()
+        if box_protocol not in BOX_PROTOCOLS:
+            raise ValueError(f"box_protocol must be one of {BOX_PROTOCOLS}, got {box_protocol!r}")
         self.save_hyperparameters(ignore=[] if isinstance(model, str) else ["model"])
         self.model = load_feature_model(model, checkpoint, model_kwargs).eval().requires_grad_(False)
         if not callable(getattr(self.model, "attention_maps", None)):
@@ -74,20 +88,23 @@ class LocalizationEvaluator(FrozenEvaluator):
                 f"{source} pools with {silent[0]!r}, which has no spatial attention to localize with; "
                 f"evaluate a model whose pool has attention (simpool, token, ...)"
             )
-        self.box_acc = MaxBoxAccV2(iou_thresholds=iou_thresholds, num_thresholds=num_thresholds)
+        self.box_acc = MaxBoxAccV2(iou_thresholds=iou_thresholds, num_thresholds=num_thresholds, protocol=box_protocol)
         self.corloc = CorLoc(iou_threshold=corloc_iou, mass=mass)
         self.mask_iou = MaskIoU(mass=mass)
 
     def attention_maps(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> the model's attention maps upsampled to the images, ``(B, H, W)`` float32."""
-        return self.model.attention_maps(images, size=tuple(images.shape[-2:])).float()
+        """``(B, 3, H, W)`` -> the model's attention maps upsampled bilinearly to the images, ``(B, H, W)`` float32."""
+        return attention_to_maps(self.model.attention_maps(images).float()[:, None], tuple(images.shape[-2:]))
 
     def _step(self, batch: dict[str, Any], dataloader_idx: int) -> None:
         if "boxes" not in batch and "mask" not in batch:
             raise ValueError(f"localization needs batches with 'boxes' or 'mask'; this batch has {sorted(batch)}")
-        maps = self.attention_maps(batch["image"])
+        size = tuple(batch["image"].shape[-2:])
+        native = self.model.attention_maps(batch["image"]).float()  # (B, h, w) at the feature grid
+        maps = attention_to_maps(native[:, None], size)
         if "boxes" in batch:
-            self.box_acc.update(maps, batch["boxes"])
+            scoremaps = resize_scoremaps(native, size) if self.box_acc.protocol == "wsolevaluation" else maps
+            self.box_acc.update(scoremaps, batch["boxes"])
             self.corloc.update(maps, batch["boxes"])
         if "mask" in batch:
             self.mask_iou.update(maps, batch["mask"])

@@ -13,7 +13,10 @@ from torch.utils.data import DataLoader
 
 from simpool_lightning.data import VOCDataModule
 from simpool_lightning.evaluation import CorLoc, LocalizationEvaluator
+from simpool_lightning.metrics import MaxBoxAccV2
 from simpool_lightning.models import DINO, ImageClassifier
+from simpool_lightning.models.classifier import attention_to_maps
+from tests.reference import wsolevaluation
 from tests.data.test_downstream_voc import make_voc
 from tests.isolated import run_isolated
 from tests.models.test_classifier import TINY_VIT, save_lightning_checkpoint
@@ -21,14 +24,27 @@ from tests.models.test_classifier import TINY_VIT, save_lightning_checkpoint
 
 class FirstChannelAttention(nn.Module):
     """A 'model' whose attention map is its input's first channel (less its minimum), so a test draws the
-    map it wants, and the bright rectangle of a fabricated image is where it attends."""
+    map it wants, and the bright rectangle of a fabricated image is where it attends. Its 'feature
+    grid' is the image itself."""
 
     def features(self, images: Tensor) -> Tensor:
         return images.flatten(1)
 
     def attention_maps(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
-        assert size == tuple(images.shape[-2:])
+        assert size in (None, tuple(images.shape[-2:]))
         return images[:, 0] - images[:, 0].amin((1, 2), keepdim=True)
+
+
+class PatchAttention(nn.Module):
+    """A 'model' with a 4 x 4 feature grid: its map is the first channel averaged over 8 x 8 patches
+    of a 32 x 32 image, upsampled like the package's models when given a size."""
+
+    def features(self, images: Tensor) -> Tensor:
+        return images.flatten(1)
+
+    def attention_maps(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        grid = nn.functional.avg_pool2d(images[:, :1], 8)
+        return attention_to_maps(grid, size)
 
 
 def block(x1: int, y1: int, x2: int, y2: int, side: int = 16) -> Tensor:
@@ -62,7 +78,9 @@ def test_scores_of_maps_we_control():
     batch = hand_batch()
     loader = DataLoader([batch], batch_size=None)
     metrics = quiet_trainer().test(evaluator, loader, verbose=False)[0]
-    # BoxAcc: image 0 hits at every IoU threshold, image 1 (IoU 0.5) at 0.3 and 0.5, image 2 never.
+    # BoxAcc (wsolevaluation's inclusive boxes): image 0 hits at every IoU threshold; image 1, box
+    # (0, 0, 8, 8) = 9 x 9 against (0, 0, 16, 8) = 17 x 9, IoU 81 / 153 = 0.53, at 0.3 and 0.5; image 2
+    # (its box (8, 8, 15, 15) shares one corner pixel with the gt, IoU 1 / 144) never.
     assert metrics["test/BoxAcc@0.3"] == pytest.approx(2 / 3)
     assert metrics["test/BoxAcc@0.5"] == pytest.approx(2 / 3)
     assert metrics["test/BoxAcc@0.7"] == pytest.approx(1 / 3)
@@ -75,6 +93,45 @@ def test_scores_of_maps_we_control():
     boxes_only = {k: v for k, v in batch.items() if k != "mask"}
     metrics = quiet_trainer().validate(evaluator, DataLoader([boxes_only], batch_size=None), verbose=False)[0]
     assert set(metrics) == {"val/MaxBoxAccV2", "val/BoxAcc@0.3", "val/BoxAcc@0.5", "val/BoxAcc@0.7", "val/corloc"}
+
+
+def patch_batch(seed: int, n: int = 8) -> dict:
+    """n random 32 x 32 images (smooth first channel) with 1 or 2 random boxes of side 8 to 16 each."""
+    g = torch.Generator().manual_seed(seed)
+    images = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode="bilinear")
+    boxes = []
+    for i in range(n):
+        xy = torch.rand(1 + i % 2, 2, generator=g) * 16
+        boxes.append(torch.cat([xy, xy + 8 + torch.rand(xy.shape, generator=g) * 8], dim=1))
+    return {"image": images, "label": torch.zeros(n, dtype=torch.long), "boxes": boxes}
+
+
+def test_maxboxacc_v2_is_wsolevaluations_on_bicubic_maps():
+    batch = patch_batch(0)
+    loader = DataLoader([batch], batch_size=None)
+    metrics = quiet_trainer().test(LocalizationEvaluator(PatchAttention()), loader, verbose=False)[0]
+    # wsolevaluation's inference.py: the 4 x 4 map, as float64, resized to the image by cv2 bicubic,
+    # normalised, then its BoxEvaluator.
+    grid = PatchAttention().attention_maps(batch["image"]).double().numpy()
+    reference = wsolevaluation.BoxEvaluator()
+    for cam, gt in zip(grid, batch["boxes"]):
+        reference.accumulate(wsolevaluation.resize_and_normalize(cam, 32, 32), gt.tolist())
+    box_acc, max_box_acc_v2 = reference.compute()
+    assert metrics["test/MaxBoxAccV2"] == pytest.approx(max_box_acc_v2 / 100, abs=1e-6)
+    assert [metrics[f"test/BoxAcc@{d}"] * 100 for d in (0.3, 0.5, 0.7)] == pytest.approx(box_acc, abs=1e-4)
+    # The resize matters on this batch: the bilinear maps would score 0.208, not 0.25.
+    bilinear = MaxBoxAccV2()
+    bilinear.update(PatchAttention().attention_maps(batch["image"], size=(32, 32)), batch["boxes"])
+    assert max_box_acc_v2 / 100 == pytest.approx(0.25) and bilinear.compute()["MaxBoxAccV2"].item() == pytest.approx(5 / 24)
+
+    # box_protocol="components": the earlier reading, on the bilinear maps CorLoc uses.
+    evaluator = LocalizationEvaluator(PatchAttention(), num_thresholds=100, box_protocol="components")
+    metrics = quiet_trainer().test(evaluator, loader, verbose=False)[0]
+    direct = MaxBoxAccV2(num_thresholds=100, protocol="components")
+    direct.update(PatchAttention().attention_maps(batch["image"], size=(32, 32)), batch["boxes"])
+    assert metrics["test/MaxBoxAccV2"] == pytest.approx(direct.compute()["MaxBoxAccV2"].item())
+    with pytest.raises(ValueError, match="box_protocol must be one of"):
+        LocalizationEvaluator(PatchAttention(), box_protocol="bilinear")
 
 
 def test_batches_without_boxes_or_masks_are_refused():

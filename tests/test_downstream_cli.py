@@ -1,18 +1,24 @@
 """The downstream configs through the `simpool` CLI: fine-tuning from the quickstart's checkpoint, and
-localization on fabricated CUB and VOC, all shrunk with overrides to run on CPU in seconds."""
+localization on fabricated CUB and VOC, object discovery on VOC and COCO-20k, all shrunk with overrides to run on CPU in seconds."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
 from simpool_lightning.cli import main
-from tests.cli_runs import on_cpu
+from simpool_lightning.data import COCO20kDataModule
+from simpool_lightning.models import ImageClassifier
+from tests.cli_runs import on_cpu, simpool_test
 from tests.data.test_downstream_classification import make_cifar10
 from tests.data.test_downstream_cub import make_cub
+from tests.data.test_downstream_coco import make_coco
 from tests.data.test_downstream_voc import make_voc
+from tests.evaluation.test_discovery_eval import last_block_qkv, lost_padding
+from tests.reference import lost as lost_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNSTREAM = ROOT / "configs" / "downstream"
@@ -101,6 +107,41 @@ def test_localization_configs_score_a_checkpoint_on_cub_and_voc(tmp_path: Path, 
     out = capsys.readouterr().out
     for key in ("test/MaxBoxAccV2", "test/BoxAcc@0.3", "test/BoxAcc@0.5", "test/BoxAcc@0.7", "test/corloc", "test/mask_iou"):
         assert key in out, key
-    main(["test", "-c", str(DOWNSTREAM / "corloc_voc07.yaml"), *common])
+    # Discovery at 32 x 32 (the checkpoint's ViT takes one input size).
+    main(["test", "-c", str(DOWNSTREAM / "corloc_voc07.yaml"), *common, "--model.init_args.model=simpool_lightning.models.ImageClassifier",
+          "--model.init_args.model_kwargs=null"])  # fmt: skip
     out = capsys.readouterr().out
-    assert "test/corloc" in out and "test/MaxBoxAccV2" in out and "test/mask_iou" not in out
+    assert "test/corloc_lost" in out and "test/corloc_dino_seg" in out and "test/MaxBoxAccV2" not in out
+
+
+def test_corloc_coco20k_runs_losts_protocol_end_to_end(tmp_path: Path) -> None:
+    """configs/downstream/corloc_coco20k.yaml on a fabricated COCO layout, each image at its own size as LOST
+    feeds it; CorLoc equals LOST's count with LOST's code on the last block's keys, computed here apart."""
+    ckpt = quickstart_checkpoint(tmp_path)
+    file_list = make_coco(tmp_path / "coco")
+    backbone_kwargs = {**torch.load(ckpt, weights_only=True)["hyper_parameters"]["backbone_kwargs"], "dynamic_img_size": True}
+    metrics = simpool_test(
+        str(DOWNSTREAM / "corloc_coco20k.yaml"), tmp_path / "eval",
+        f"--data.init_args.root={tmp_path / 'coco'}",
+        f"--data.init_args.file_list={file_list}",
+        f"--model.init_args.checkpoint={ckpt}",
+        "--model.init_args.model=simpool_lightning.models.ImageClassifier",
+        f"--model.init_args.model_kwargs={json.dumps({'backbone_kwargs': backbone_kwargs})}",
+        "--model.init_args.methods=[lost, dino_seg, attention_mass]",
+    )  # fmt: skip
+    assert set(metrics) == {"test/corloc_lost", "test/corloc_dino_seg", "test/corloc_attention_mass"}
+
+    model = ImageClassifier.load_from_checkpoint(ckpt, backbone_kwargs=backbone_kwargs).eval()
+    patch = backbone_kwargs["patch_size"]
+    data = COCO20kDataModule(str(tmp_path / "coco"), file_list=str(file_list), image_size=None, batch_size=1)
+    data.setup("test")
+    hits = []
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            image, gt = batch["image"], batch["boxes"][0]
+            _, keys, _ = last_block_qkv(model.backbone.model, lost_padding(image, patch))
+            h, w = image.shape[-2:]
+            pred = lost_reference.lost(keys, [-(-h // patch), -(-w // patch)], [patch, patch], (3, h, w))[0]
+            hits.append(lost_reference.is_hit(pred, gt.long().numpy()))
+    assert len(hits) == 3
+    assert metrics["test/corloc_lost"] == pytest.approx(sum(hits) / 3)

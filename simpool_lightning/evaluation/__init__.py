@@ -1,9 +1,9 @@
 """Evaluators: LightningModules and callbacks that load or run a model and feed its features or
 attention maps to :mod:`simpool_lightning.metrics`.
 
-``FrozenEvaluator`` subclasses (k-NN, localization, background robustness, retrieval) run under
-``simpool validate|test``; ``LinearProbe`` trains a linear head on frozen features; ``KNNCallback``
-runs k-NN during a fit. The metric names are re-exported here, where they lived before, for one
+``FrozenEvaluator`` subclasses (k-NN, localization, object discovery, background robustness,
+retrieval) run under ``simpool validate|test``; ``LinearProbe`` trains a linear head on frozen
+features; ``KNNCallback`` runs k-NN during a fit. The metric names are re-exported here, where they lived before, for one
 release: import them from :mod:`simpool_lightning.metrics`.
 """
 from ..metrics import (
@@ -22,6 +22,7 @@ from ..metrics import (
     knn_classify,
     revisited_map,
 )
+from .discovery_eval import DISCOVERY_METHODS, DiscoveryEvaluator
 from .frozen import FrozenEvaluator, FrozenFeatures, load_feature_model
 from .knn_eval import KNNCallback, KNNEvaluator, extract_features, reference_split
 from .linear import LinearProbe
@@ -34,6 +35,8 @@ __all__ = [
     "PROTOCOLS",
     "BackgroundRobustnessEvaluator",
     "CorLoc",
+    "DISCOVERY_METHODS",
+    "DiscoveryEvaluator",
     "FrozenEvaluator",
     "FrozenFeatures",
     "KNNCallback",

@@ -3,8 +3,8 @@ attention maps to :mod:`simpool_lightning.metrics`.
 
 ``FrozenEvaluator`` subclasses (k-NN, localization, object discovery, background robustness,
 retrieval) run under ``simpool validate|test``; ``LinearProbe`` trains a linear head on frozen
-features; ``KNNCallback`` runs k-NN during a fit. The metric names are re-exported here, where they lived before, for one
-release: import them from :mod:`simpool_lightning.metrics`.
+features; ``KNNCallback`` runs k-NN during a fit. The metric names are re-exported here, where they
+lived before, for one release: import them from :mod:`simpool_lightning.metrics`.
 """
 from ..metrics import (
     CorLoc,

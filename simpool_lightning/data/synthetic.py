@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 from .base import BaseDataModule
 from .multicrop import MultiCropTransform
 
-__all__ = ["SHAPE_NAMES", "MIN_IMAGE_SIZE", "Polarity", "SyntheticShapes", "SyntheticShapesDataModule"]
+__all__ = ["SHAPE_NAMES", "MIN_IMAGE_SIZE", "Placement", "Polarity", "SyntheticShapes", "SyntheticShapesDataModule"]
 
 ShapeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -138,7 +138,29 @@ def _interp_matrix(size: int, cells: int) -> np.ndarray:
     return w
 
 
+def _dilate(masks: np.ndarray) -> np.ndarray:
+    """``(B, S, S)`` bool masks grown by one pixel in the 8-neighbourhood."""
+    grown = masks.copy()
+    grown[:, 1:] |= masks[:, :-1]
+    grown[:, :-1] |= masks[:, 1:]
+    rows = grown.copy()
+    grown[:, :, 1:] |= rows[:, :, :-1]
+    grown[:, :, :-1] |= rows[:, :, 1:]
+    return grown
+
+
+def _shading(dx: np.ndarray, dy: np.ndarray, light_angle: np.ndarray) -> np.ndarray:
+    """A soft linear light gradient across a shape, so that it is not a perfectly flat colour.
+
+    ``dx`` ``(B, 1, S)`` and ``dy`` ``(B, S, 1)`` are offsets from the shape's centre in units of
+    its radius; returns the brightness factor ``(B, 1, S, S)``.
+    """
+    light_x, light_y = 0.15 * np.cos(2 * np.pi * light_angle), 0.15 * np.sin(2 * np.pi * light_angle)
+    return ((dx * light_x[:, None, None] + 1.0) + dy * light_y[:, None, None])[:, None]
+
+
 Polarity = Literal["light", "dark", "either"]
+Placement = Literal["inside", "anywhere"]
 
 
 class SyntheticShapes(Dataset):
@@ -162,6 +184,17 @@ class SyntheticShapes(Dataset):
         num_distractors: thin bars in random colours drawn under the object.
         object_scale: range of the object's size, as the diameter of a disc of equal area over the
             image side; every shape has the same area at the same scale, so size does not tell the class.
+        object_placement: where the object may sit. ``"inside"``: the whole shape inside the frame, so
+            large objects gather around the centre, and how much depends on the shape's outline.
+            ``"anywhere"``: the centre is uniform over every position where the disc of equal area
+            fits, the same range for every class; the points of a pointed shape may leave the frame
+            (``mask`` and ``boxes`` are then the visible part).
+        num_distractor_shapes: clutter that competes with the object: this many shapes that are no
+            class (drawn from :data:`SHAPE_NAMES` after the first ``num_classes``), each coloured,
+            shaded and placed as an object is, never touching the object (they stop one pixel short
+            of it), and each of ``distractor_scale`` times the object's size.
+        distractor_scale: range of a distractor's size relative to the object's, in ``(0, 1]``: a
+            distractor is never larger than the object.
         hflip: probability of a horizontal flip of image, mask and box together (training
             augmentation). Flips draw from torch's random generator, which Lightning and the
             DataLoader seed per worker; the images themselves depend only on the index.
@@ -194,6 +227,9 @@ class SyntheticShapes(Dataset):
         object_scale: tuple[float, float] = (0.45, 0.75),
         hflip: float = 0.0,
         multi_crop: Optional[MultiCropTransform] = None,
+        object_placement: Placement = "inside",
+        num_distractor_shapes: int = 0,
+        distractor_scale: tuple[float, float] = (0.5, 1.0),
     ) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
@@ -217,6 +253,20 @@ class SyntheticShapes(Dataset):
             raise ValueError(f"object_scale must be (low, high) with 0 < low <= high <= 1, got {object_scale}")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip}")
+        if object_placement not in ("inside", "anywhere"):
+            raise ValueError(f"object_placement must be 'inside' or 'anywhere', got {object_placement!r}")
+        if num_distractor_shapes < 0:
+            raise ValueError(f"num_distractor_shapes must be >= 0, got {num_distractor_shapes}")
+        if num_distractor_shapes and num_classes == len(SHAPE_NAMES):
+            raise ValueError(
+                f"num_distractor_shapes={num_distractor_shapes} needs shapes that are no class, but all "
+                f"{len(SHAPE_NAMES)} shapes are classes (num_classes={num_classes}); lower num_classes"
+            )
+        d_lo, d_hi = distractor_scale
+        if not 0.0 < d_lo <= d_hi <= 1.0:
+            raise ValueError(
+                f"distractor_scale must be (low, high) with 0 < low <= high <= 1 (relative to the object), got {distractor_scale}"
+            )
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.image_size = image_size
@@ -228,11 +278,15 @@ class SyntheticShapes(Dataset):
         self.object_scale = (float(lo), float(hi))
         self.hflip = hflip
         self.multi_crop = multi_crop
+        self.object_placement = object_placement
+        self.num_distractor_shapes = num_distractor_shapes
+        self.distractor_scale = (float(d_lo), float(d_hi))
         self.classes: list[str] = list(SHAPE_NAMES[:num_classes])
         # Per-shape factor that gives every shape the area of the unit disc.
-        self._area_scale = np.sqrt(math.pi / _unit_areas()[:num_classes]).astype(np.float32)
-        # Random numbers per image: polarity, background, bars, object pose and colour.
-        self._num_params = 1 + (3 + 3 * self._CELLS**2 + 12) + 8 * num_distractors + (5 + 3)
+        self._area_scale = np.sqrt(math.pi / _unit_areas()).astype(np.float32)
+        # Random numbers per image: polarity, background, bars, object pose and colour, then the
+        # distractor shapes (last, so that without them the images are those of earlier versions).
+        self._num_params = 1 + (3 + 3 * self._CELLS**2 + 12) + 8 * num_distractors + (5 + 3) + 9 * num_distractor_shapes
         self._mean = np.asarray(IMAGENET_DEFAULT_MEAN, dtype=np.float32)[:, None, None]
         self._std = np.asarray(IMAGENET_DEFAULT_STD, dtype=np.float32)[:, None, None]
 
@@ -287,32 +341,70 @@ class SyntheticShapes(Dataset):
         images = self._background(take, t, light)
         self._draw_bars(take, images, t)
 
-        # Object pose: its radius bounds it, so the whole object stays inside the image.
+        # Object pose. ``radius`` is the radius of the disc of equal area; ``reach`` the distance
+        # from the centre to the frame that the placement keeps free.
         scale, pos_x, pos_y, angle, light_angle = take(5).T
         lo, hi = self.object_scale
-        radius = np.minimum(0.5 * size * (lo + (hi - lo) * scale) * self._area_scale[labels], 0.5 * size - 0.5)
-        cx, cy = radius + (size - 2 * radius) * pos_x, radius + (size - 2 * radius) * pos_y
-        cos, sin = np.cos(2 * np.pi * angle)[:, None, None], np.sin(2 * np.pi * angle)[:, None, None]
-        dx = (t[None, None, :] - cx[:, None, None]) / radius[:, None, None]  # (B, 1, S)
-        dy = (t[None, :, None] - cy[:, None, None]) / radius[:, None, None]  # (B, S, 1)
-        u, v = cos * dx + sin * dy, cos * dy - sin * dx  # object frame, (B, S, S)
-        masks = np.empty((batch, size, size), dtype=bool)
-        for label in np.unique(labels):
-            group = labels == label
-            masks[group] = _SHAPES[self.classes[label]](u[group], v[group])
+        radius = 0.5 * size * (lo + (hi - lo) * scale)
+        if self.object_placement == "inside":
+            # The shape's outline (radius 1 in its own frame) bounds it: the whole object stays inside.
+            outline = np.minimum(radius * self._area_scale[labels], 0.5 * size - 0.5)
+            reach = outline
+        else:
+            outline, reach = radius * self._area_scale[labels], np.minimum(radius, 0.5 * size - 0.5)
+        cx, cy = reach + (size - 2 * reach) * pos_x, reach + (size - 2 * reach) * pos_y
+        dx, dy, masks = self._draw_shapes(t, labels, cx, cy, outline, angle)
         for b in np.flatnonzero(~masks.any(axis=(1, 2))):
             # A tiny object can fall between pixel centres: keep its centre pixel.
             masks[b, min(int(cy[b]), size - 1), min(int(cx[b]), size - 1)] = True
+        colours = self._colours(take, light)
 
-        colours = np.where(light[:, None], 0.6 + 0.4 * take(3), 0.4 * take(3))[:, :, None, None]
-        # A soft linear light gradient across the object, so that it is not a perfectly flat colour.
-        light_x, light_y = 0.15 * np.cos(2 * np.pi * light_angle), 0.15 * np.sin(2 * np.pi * light_angle)
-        shading = ((dx * light_x[:, None, None] + 1.0) + dy * light_y[:, None, None])[:, None]  # (B, 1, S, S)
-        images += masks[:, None] * (shading * colours - images)
+        if self.num_distractor_shapes:
+            # Clutter never touches the object: an outline that merged with another shape would
+            # change the class's outline. One pixel around the object stays free.
+            free = ~_dilate(masks)
+            others = np.arange(self.num_classes, len(SHAPE_NAMES))
+            for pick, rel, d_x, d_y, d_angle, d_light, *rgb in take(self.num_distractor_shapes, 9).transpose(1, 2, 0):
+                shapes = others[np.minimum((pick * len(others)).astype(np.int64), len(others) - 1)]
+                d_lo, d_hi = self.distractor_scale
+                d_radius = radius * (d_lo + (d_hi - d_lo) * rel)
+                d_reach = np.minimum(d_radius, 0.5 * size - 0.5)
+                d_cx, d_cy = d_reach + (size - 2 * d_reach) * d_x, d_reach + (size - 2 * d_reach) * d_y
+                d_dx, d_dy, hit = self._draw_shapes(t, shapes, d_cx, d_cy, d_radius * self._area_scale[shapes], d_angle)
+                d_colours = self._colours(lambda *shape: np.stack(rgb, axis=1), light)
+                hit &= free
+                images += hit[:, None] * (_shading(d_dx, d_dy, d_light) * d_colours - images)
+
+        images += masks[:, None] * (_shading(dx, dy, light_angle) * colours - images)
         # Sensor noise over everything, object included, in luminance only (cheaper, and enough).
         images += 0.06 * noise - 0.03
         np.clip(images, 0.0, 1.0, out=images)
         return images, masks, labels
+
+    def _draw_shapes(
+        self, t: np.ndarray, shapes: np.ndarray, cx: np.ndarray, cy: np.ndarray, outline: np.ndarray, angle: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks of shapes ``shapes`` (indices into :data:`SHAPE_NAMES`) centred at ``(cx, cy)``.
+
+        ``outline`` is the radius of the shape's unit disc in pixels, ``angle`` its rotation in
+        turns. Returns ``(dx (B, 1, S), dy (B, S, 1), masks (B, S, S) bool)``: ``dx``, ``dy`` are the
+        pixel offsets from the centre in units of ``outline``, which the shading uses.
+        """
+        size = t.shape[0]
+        cos, sin = np.cos(2 * np.pi * angle)[:, None, None], np.sin(2 * np.pi * angle)[:, None, None]
+        dx = (t[None, None, :] - cx[:, None, None]) / outline[:, None, None]
+        dy = (t[None, :, None] - cy[:, None, None]) / outline[:, None, None]
+        u, v = cos * dx + sin * dy, cos * dy - sin * dx  # shape frame, (B, S, S)
+        masks = np.empty((shapes.shape[0], size, size), dtype=bool)
+        for shape in np.unique(shapes):
+            group = shapes == shape
+            masks[group] = _SHAPES[SHAPE_NAMES[shape]](u[group], v[group])
+        return dx, dy, masks
+
+    def _colours(self, take: Callable[..., np.ndarray], light: np.ndarray) -> np.ndarray:
+        """An object colour per image: light (channels in [0.6, 1]) or dark ([0, 0.4]), ``(B, 3, 1, 1)``."""
+        draws = take(3)
+        return np.where(light[:, None], 0.6 + 0.4 * draws, 0.4 * draws)[:, :, None, None]
 
     def _background(self, take: Callable[..., np.ndarray], t: np.ndarray, light: np.ndarray) -> np.ndarray:
         """A base colour plus smooth colour blotches and two coloured gratings, scaled by the contrast.
@@ -410,7 +502,8 @@ class SyntheticShapesDataModule(BaseDataModule):
         seed: generation seed; the splits use disjoint streams of it.
         batch_size, num_workers, pin_memory: see :class:`BaseDataModule`.
         test_size: test split length; defaults to ``val_size``.
-        polarity, background_contrast, num_distractors, object_scale: see :class:`SyntheticShapes`.
+        polarity, background_contrast, num_distractors, object_scale, object_placement,
+        num_distractor_shapes, distractor_scale: see :class:`SyntheticShapes`.
         hflip: horizontal flip probability for training, applied to image, mask and box together.
         multi_crop: DINO's multi-crop for the training split (see :class:`SyntheticShapes`);
             training batches then hold ``image`` as a list of crop batches and ``label``.
@@ -436,6 +529,9 @@ class SyntheticShapesDataModule(BaseDataModule):
         hflip: float = 0.5,
         pin_memory: bool = False,
         multi_crop: Optional[MultiCropTransform] = None,
+        object_placement: Placement = "inside",
+        num_distractor_shapes: int = 0,
+        distractor_scale: tuple[float, float] = (0.5, 1.0),
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
         self.save_hyperparameters(ignore=["multi_crop"])  # a module: the config already records it
@@ -447,6 +543,9 @@ class SyntheticShapesDataModule(BaseDataModule):
             background_contrast=background_contrast,
             num_distractors=num_distractors,
             object_scale=tuple(object_scale),
+            object_placement=object_placement,
+            num_distractor_shapes=num_distractor_shapes,
+            distractor_scale=tuple(distractor_scale),
         )
         # Built here, not in setup(): construction is cheap (images are drawn when fetched) and
         # checks the arguments at once.

@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from scipy.stats import chi2_contingency
 from torch import nn
 from torch.utils.data import DataLoader
 
 from simpool_lightning.data import SyntheticShapes, SyntheticShapesDataModule, collate_samples
 from simpool_lightning.data.synthetic import MIN_IMAGE_SIZE, SHAPE_NAMES, _SHAPES, _unit_areas
+from simpool_lightning.metrics.localization import MaskIoU
 
 SIZE = 32
 
@@ -220,3 +224,116 @@ def test_a_tiny_cnn_learns_the_shapes_quickly(one_thread: None) -> None:
     accuracy = correct / len(dm.val_set)
     print(f"tiny CNN: accuracy {accuracy:.3f} after {steps} steps, {time.perf_counter() - start:.1f} s")
     assert accuracy > 0.7, f"accuracy {accuracy:.2f} after {steps} steps; chance is 0.25"
+
+
+# ------------------------------------------------------------------- where and how large (issue 17)
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def _quickstart_data() -> dict:
+    """The quickstart's data settings, read from its config so that the bounds follow it."""
+    return yaml.safe_load(QUICKSTART.read_text())["data"]["init_args"]
+
+
+def _layout_statistics(masks: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """p-values of chi-square tests that the object's area and centre are independent of the class.
+
+    Each quantity is cut into quartiles; the class-by-quartile contingency table is tested.
+    """
+    size = masks.shape[-1]
+    area = masks.sum((1, 2))
+    centre = np.arange(size) + 0.5
+    cx = (masks.sum(1) * centre).sum(1) / area
+    cy = (masks.sum(2) * centre).sum(1) / area
+    p = {}
+    for name, value in (("area", area), ("cx", cx), ("cy", cy), ("radius", np.hypot(cx - size / 2, cy - size / 2))):
+        bins = np.digitize(value, np.quantile(value, [0.25, 0.5, 0.75]))
+        table = np.zeros((labels.max() + 1, 4))
+        np.add.at(table, (labels, bins), 1)
+        p[name] = chi2_contingency(table).pvalue
+    return p
+
+
+def test_anywhere_layout_spreads_centre_and_area_as_specified_and_independent_of_the_class() -> None:
+    settings = _quickstart_data()
+    size, (lo, hi) = settings["image_size"], settings["object_scale"]
+    data = SyntheticShapes(
+        4000, num_classes=settings["num_classes"], image_size=size, seed=1, split="val",
+        object_placement="anywhere", object_scale=(lo, hi), num_distractor_shapes=2, num_distractors=2,
+    )
+    _, masks, labels = data.render(range(len(data)))
+    area = masks.sum((1, 2)) / size**2
+    # The disc of equal area has a diameter of lo to hi times the side; the points of a shape that
+    # leave the frame only take area away, and pixel rounding a little either way.
+    assert np.quantile(area, 0.005) > 0.8 * math.pi / 4 * lo**2
+    assert area.max() < 1.15 * math.pi / 4 * hi**2
+    assert np.quantile(area, 0.5) > math.pi / 4 * lo**2 * 2  # the whole range is used, not its low end
+    cx = (masks.sum(1) * (np.arange(size) + 0.5)).sum(1) / masks.sum((1, 2))
+    # Anywhere: centres reach within a fifth of the side of both edges.
+    assert np.quantile(cx, 0.01) < 0.2 * size and np.quantile(cx, 0.99) > 0.8 * size
+    p = _layout_statistics(masks, labels)
+    # At 4,000 samples a real dependence gives p-values below 1e-20 (see the next test).
+    assert min(p.values()) > 1e-3, p
+
+
+def test_the_independence_test_detects_the_inside_layout() -> None:
+    # With the whole shape inside the frame, pointed shapes (larger outlines at equal area) sit
+    # nearer the centre: the same statistics must see it, or the test above proves nothing.
+    data = SyntheticShapes(4000, num_classes=4, image_size=48, seed=1, split="val", object_placement="inside", object_scale=(0.2, 0.5))
+    _, masks, labels = data.render(range(len(data)))
+    p = _layout_statistics(masks, labels)
+    assert p["radius"] < 1e-20 and p["cx"] < 1e-10, p
+
+
+def _no_image_maps(size: int) -> dict[str, torch.Tensor]:
+    side = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    yy, xx = torch.meshgrid(side, side, indexing="ij")
+    maps = {"uniform": torch.ones(size, size)}
+    for width in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0):
+        maps[f"gaussian {width}"] = torch.exp(-(xx**2 + yy**2) / (2 * (width * size) ** 2))
+    return maps
+
+
+def test_maps_that_look_at_no_image_score_at_most_a_quarter_on_the_quickstart_validation_split() -> None:
+    settings = _quickstart_data()
+    dm = SyntheticShapesDataModule(**{**settings, "batch_size": 250})
+    dm.setup("validate")
+    masks = torch.cat([batch["mask"] for batch in dm.val_dataloader()])
+    assert len(masks) == settings["val_size"]
+    scores = {}
+    for name, prior in _no_image_maps(settings["image_size"]).items():
+        iou = MaskIoU(mass=0.6)
+        iou.update((prior / prior.sum()).expand(len(masks), -1, -1), masks)
+        scores[name] = float(iou.compute())
+    assert max(scores.values()) <= 0.25, scores
+    assert scores["uniform"] == pytest.approx(float(masks.float().mean()), abs=1e-6)  # keeps every pixel
+
+
+def test_distractor_shapes_never_touch_the_object_and_are_drawn() -> None:
+    # Distractors draw their random numbers after the object's, background's and bars': with and
+    # without them those are the same, and pixels that differ by more than the sensor noise (whose
+    # draws shift, +-0.03 each) are the distractors'.
+    common = dict(num_classes=4, image_size=48, seed=2, object_placement="anywhere", object_scale=(0.2, 0.5))
+    plain = SyntheticShapes(64, **common)
+    cluttered = SyntheticShapes(64, num_distractor_shapes=2, **common)
+    images_plain, masks_plain, _ = plain.render(range(64))
+    images, masks, _ = cluttered.render(range(64))
+    assert np.array_equal(masks, masks_plain)
+    changed = np.abs(images - images_plain).max(1) > 0.061
+    grown = torch.nn.functional.max_pool2d(torch.from_numpy(masks).float()[:, None], 3, stride=1, padding=1)[:, 0] > 0
+    assert not (changed & grown.numpy()).any()
+    assert changed.any((1, 2)).mean() > 0.9
+    # Never larger than the object: two distractors cover at most twice its drawn area.
+    assert np.all(changed.sum((1, 2)) <= 2 * 1.15 * math.pi / 4 * (0.5 * 48) ** 2)
+
+
+def test_distractor_shapes_are_no_class() -> None:
+    with pytest.raises(ValueError, match="needs shapes that are no class"):
+        SyntheticShapes(8, num_classes=len(SHAPE_NAMES), num_distractor_shapes=1)
+    with pytest.raises(ValueError, match="object_placement must be 'inside' or 'anywhere'"):
+        SyntheticShapes(8, object_placement="centre")
+    with pytest.raises(ValueError, match="num_distractor_shapes must be >= 0"):
+        SyntheticShapes(8, num_distractor_shapes=-1)
+    with pytest.raises(ValueError, match=r"distractor_scale must be .* \(relative to the object\)"):
+        SyntheticShapes(8, distractor_scale=(0.5, 1.5))

@@ -151,3 +151,47 @@ def test_refusals_name_the_problem() -> None:
     assert DiscoveryEvaluator(avg, methods=["lost"]).discover(torch.randn(1, 3, 32, 32))["lost"].shape == (1, 4)
     with pytest.raises(ValueError, match="needs batches with 'boxes'"):
         DiscoveryEvaluator(vit)._step({"image": torch.randn(1, 3, 32, 32)}, 0)
+
+
+def colour_keyed_vit() -> ImageClassifier:
+    """A one-block ViT (4 x 4 patches, 4 channels) whose last-block keys are LayerNorm(mean colour of the patch, 0):
+    a pure red patch has the key LN(1, 0, 0, 0), a green one LN(0, 1, 0, 0)."""
+    model = ImageClassifier("vit_tiny_patch16_224", dict(img_size=(12, 16), patch_size=4, embed_dim=4, depth=1, num_heads=1),
+                            pool="simpool", num_classes=2).eval()  # fmt: skip
+    vit = model.backbone.model
+    with torch.no_grad():
+        vit.patch_embed.proj.weight.zero_()
+        for c in range(3):
+            vit.patch_embed.proj.weight[c, c] = 1 / 16  # the patch's mean of colour channel c
+        vit.patch_embed.proj.bias.zero_()
+        vit.pos_embed.zero_()
+        qkv = vit.blocks[-1].attn.qkv
+        qkv.weight.zero_()
+        qkv.weight[4:8] = torch.eye(4)  # keys = the block's normalised input
+        qkv.bias.zero_()
+    return model
+
+
+def test_lost_on_a_fabricated_image_by_hand() -> None:
+    # A 12 x 16 image of 3 x 4 patches, green but for red patches 2, 6, 7 (an object: (0, 2), (1, 2), (1, 3))
+    # and 8 (a look-alike at (2, 0), not touching it):
+    #    g g R g
+    #    g g R R
+    #    R g g g
+    red = [2, 6, 7, 8]
+    image = torch.zeros(1, 3, 12, 16)
+    for p in range(12):
+        r, c = divmod(p, 4)
+        image[0, 0 if p in red else 1, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = 1.0
+    # Keys LN(e_i) = (e_i - 1/4) / sigma: key . key = (1 - 1/4) / sigma^2 > 0 within a colour and
+    # (0 - 1/4) / sigma^2 < 0 across. Degrees: red 3, green 7; the seed is the first red patch, 2.
+    # Expansion: the reds, M > 0 exactly on them; the seed's 4-connected component is {2, 6, 7} (8 is
+    # apart): patch columns 2..3, rows 0..1, so the box (8, 0, 16, 8) in pixels.
+    evaluator = DiscoveryEvaluator(colour_keyed_vit(), methods=["lost"])
+    assert evaluator.discover(image)["lost"].tolist() == [[8.0, 0.0, 16.0, 8.0]]
+    # k_patches = 1 expands over the seed alone: A[2] is positive on the same patches, the same box.
+    assert DiscoveryEvaluator(colour_keyed_vit(), methods=["lost"], k_patches=1).discover(image)["lost"].tolist() == [[8.0, 0.0, 16.0, 8.0]]
+    # One object box found at IoU 1, one missed (the look-alike's box only): CorLoc 1 / 2.
+    batch = {"image": image.repeat(2, 1, 1, 1), "boxes": [torch.tensor([[8.0, 0.0, 16.0, 8.0]]), torch.tensor([[0.0, 8.0, 4.0, 12.0]])]}
+    evaluator._step(batch, 0)
+    assert evaluator.corloc["lost"].compute().item() == 0.5

@@ -18,9 +18,11 @@ Each batch image is zero-padded at the bottom and right to whole patches (LOST p
 image the same way); the keys are read from the last block's ``attn.qkv`` by a forward hook, [CLS]
 and register tokens dropped. The rules that turn keys and maps into boxes, and the hit rule, are in
 :mod:`simpool_lightning.metrics.discovery`. LOST feeds each image at its own size; with
-``image_size: null`` and ``batch_size: 1`` in the data config this does too, which needs a ViT that
-takes any input size (timm's ``dynamic_img_size=True``); the shipped configs squash images to 224
-(boxes scale with them; IoU is unchanged by the squash, the features are not).
+``image_size: null`` and ``batch_size: 1`` in the data config (the shipped configs) this does too,
+which needs a ViT that takes any input size (timm's ``dynamic_img_size=True``). One difference
+remains there, in the backbone: timm resamples the position embeddings to the grid by its size,
+DINO's ViT (which LOST runs) by a scale factor offset by 0.1 patch, so features differ slightly.
+With a fixed-size ViT, ``image_size: 224`` squashes the images (boxes scale with them).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from tests.reference import lost as reference
 #    4 b   5 b   6 o   7 o
 #    8 b   9 o  10 z  11 t
 # o = (1, 0): an object (2, 6, 7) and a look-alike patch (9); b = (-1, 1): background;
-# t = (1, 3): similar to everything but z-free patches' negatives; z = (-1, 2): similar to b and t only.
+# t = (1, 3): positive with every other kind; z = (-1, 2): positive with b and t, negative with o.
 O, B, T, Z = (1.0, 0.0), (-1.0, 1.0), (1.0, 3.0), (-1.0, 2.0)
 GRID_KINDS = "bbob" "bboo" "bozt"
 FEATURES = torch.tensor([{"o": O, "b": B, "t": T, "z": Z}[k] for k in GRID_KINDS])

@@ -5,8 +5,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import default_collate
 
 __all__ = ["collate_samples"]
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    # torch's default_collate stacks plain tensors; in a worker process it stacks straight into
+    # shared memory, where the batch must go to reach the main process (a separate stack would copy
+    # the batch twice).
+    return default_collate([t.as_subclass(Tensor) for t in tensors])
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -28,13 +36,13 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         elif key == "label":
             batch[key] = torch.as_tensor([int(v) for v in values], dtype=torch.long)
         elif key == "mask":
-            batch[key] = torch.stack([torch.as_tensor(v).as_subclass(Tensor).reshape(v.shape[-2:]) for v in values]).bool()
+            batch[key] = _stack([torch.as_tensor(v).reshape(v.shape[-2:]) for v in values]).bool()
         elif isinstance(values[0], Tensor):
-            batch[key] = torch.stack([v.as_subclass(Tensor) for v in values])
+            batch[key] = _stack(values)
         elif isinstance(values[0], (list, tuple)) and values[0] and all(isinstance(t, Tensor) for t in values[0]):
             if any(len(v) != len(values[0]) for v in values):
                 raise ValueError(f"samples hold different numbers of {key!r} tensors: {sorted({len(v) for v in values})}")
-            batch[key] = [torch.stack([v[i].as_subclass(Tensor) for v in values]) for i in range(len(values[0]))]
+            batch[key] = [_stack([v[i] for v in values]) for i in range(len(values[0]))]
         else:
             batch[key] = values
     return batch

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .downstream import ClassificationDataModule
 from .io import FileSample, OnBadImage
 from .multicrop import MultiCropTransform
+from .transforms import Interpolation, build_train_transform
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageNetDataModule", "list_image_files"]
 
@@ -77,10 +78,14 @@ class ImageNetDataModule(ClassificationDataModule):
         crop_pct, scale, hflip, auto_augment, re_prob: evaluation center crop and training
             augmentation, see :mod:`~.transforms` (the official recipes use
             ``auto_augment="rand-m9-mstd0.5-inc1"``).
+        interpolation: of the training crop and RandAugment's geometric ops: ``"random"``
+            (bilinear or bicubic, drawn anew each time: timm ``train.py``'s default
+            ``--train-interpolation``, which the official recipes keep), ``"bilinear"`` or
+            ``"bicubic"``. Evaluation resizes bicubic.
         on_bad_image: ``"raise"`` (stop, naming the file) or ``"skip"`` (log it and take the next
             image; :attr:`skipped` lists them), see :class:`~.io.FileDataset`.
         multi_crop: DINO's :class:`~.multicrop.MultiCropTransform` as the training transform
-            (``scale``, ``hflip``, ``auto_augment`` and ``re_prob`` then do not apply): training
+            (``scale``, ``hflip``, ``auto_augment``, ``re_prob`` and ``interpolation`` then do not apply): training
             batches hold ``image`` as a list of crop batches.
 
     Raises:
@@ -105,6 +110,7 @@ class ImageNetDataModule(ClassificationDataModule):
         on_bad_image: OnBadImage = "raise",
         pin_memory: bool = False,
         multi_crop: Optional[MultiCropTransform] = None,
+        interpolation: Interpolation = "random",
     ) -> None:
         super().__init__(
             root,
@@ -122,8 +128,13 @@ class ImageNetDataModule(ClassificationDataModule):
         if images_per_class is not None and images_per_class <= 0:
             raise ValueError(f"images_per_class must be positive or None, got {images_per_class}")
         self.images_per_class = images_per_class
-        if multi_crop is not None:
-            self.train_transform = multi_crop
+        self.train_transform = (
+            multi_crop
+            if multi_crop is not None
+            else build_train_transform(
+                image_size, tuple(scale), hflip, auto_augment, re_prob, interpolation=interpolation
+            )
+        )
 
     def _read_classes(self) -> list[str]:
         if not self.root.is_dir():

@@ -1,23 +1,53 @@
-"""Train and eval pipelines on sample dicts.
+"""Train and eval pipelines on sample dicts, step for step those of timm's ``train.py``.
 
-torchvision transforms v2 move the image, its ``mask`` and its ``boxes`` together; timm supplies
-RandAugment (``rand-m9-mstd0.5-inc1`` in the official recipes) and random erasing, which touch the
-image only.
+Training: random-resized crop (timm's crop parameters, interpolation bilinear or bicubic at random
+under ``"random"``, timm's default), horizontal flip, timm's RandAugment (``rand-m9-mstd0.5-inc1``
+in the official recipes), conversion to a normalised tensor, timm's random erasing. Evaluation:
+resize the short side to ``floor(image_size / crop_pct)`` (bicubic), center crop, normalise.
+Images go through PIL, as in timm; with the same random state the outputs equal those of
+``timm.data.create_transform`` bit for bit (``tests/data/test_transforms.py`` checks it against
+timm itself).
+
+An image's ``mask`` and ``boxes`` (tv_tensors) take the same crop, resize and flip through
+torchvision's v2 functional ops. RandAugment and random erasing touch the image only.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import math
+import random
+from typing import Any, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
-from torch import nn
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-__all__ = ["ImageOnly", "build_train_transform", "build_eval_transform", "posterize", "rand_augment"]
+__all__ = [
+    "Interpolation",
+    "TrainTransform",
+    "EvalTransform",
+    "build_train_transform",
+    "build_eval_transform",
+    "posterize",
+    "rand_augment",
+    "to_normalized_tensor",
+]
+
+Interpolation = Literal["random", "bilinear", "bicubic"]
+"""Resampling of the training crop and of RandAugment's geometric ops, by timm's names: ``"random"``
+(timm ``train.py``'s default ``--train-interpolation``) draws bilinear or bicubic anew for each
+crop and each op."""
+
+_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_PIL_MODES = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+# What an image's annotations are called in a sample; they follow its geometry.
+_GEOMETRIC_KEYS = ("image", "mask", "boxes")
 
 
 def posterize(image: Image.Image, bits: int, **_: Any) -> Image.Image:
@@ -50,25 +80,114 @@ def rand_augment(config: str, hparams: dict[str, Any]) -> RandAugment:
     return transform
 
 
-class ImageOnly(nn.Module):
-    """Apply ``fn`` to ``sample["image"]`` and pass every other entry through.
+def to_normalized_tensor(image: Image.Image, mean: Tensor, std: Tensor) -> Tensor:
+    """An RGB PIL image as a normalised ``(3, H, W)`` float32 tensor, contiguous.
 
-    For image-only operations (colour RandAugment, random erasing) inside a v2 pipeline on dicts.
+    Equal bit for bit to torchvision's ``to_tensor`` then ``normalize`` (timm's ``MaybeToTensor``
+    and ``Normalize``): ``(x / 255 - mean) / std`` in float32, the same operations in the same
+    order. It converts while transposing into one preallocated tensor and works in place, instead
+    of a contiguous uint8 copy, a new float tensor per step and a channels-last intermediate.
+
+    Args:
+        image: an ``RGB`` image.
+        mean, std: ``(3, 1, 1)`` float32.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r} (load images with load_rgb)")
+    pixels = torch.from_numpy(np.array(image))  # (H, W, 3) uint8
+    out = torch.empty((3, image.height, image.width), dtype=torch.float32)
+    out.copy_(pixels.permute(2, 0, 1))
+    return out.div_(255).sub_(mean).div_(std)
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std must hold 3 values each, std positive, got mean={mean}, std={std}")
+    return torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+
+def _pil(sample: dict[str, Any]) -> Image.Image:
+    image = sample.get("image")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"the transforms take a sample dict whose 'image' is a PIL image, got {type(image).__name__}")
+    return image
+
+
+class TrainTransform(nn.Module):
+    """Training pipeline on a sample dict; see :func:`build_train_transform`.
+
+    The random draws are timm's, in timm's order: the crop from Python's ``random``
+    (``RandomResizedCropAndInterpolation.get_params``, then the interpolation), the flip from
+    torch, RandAugment from numpy and Python, random erasing from Python and torch.
     """
 
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        hflip: float,
+        interpolation: Interpolation,
+        rand_augment: Optional[RandAugment],
+        random_erasing: Optional[RandomErasing],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
-        self.fn = fn
+        self.size = [image_size, image_size]
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.interpolations = list(_MODES.values()) if interpolation == "random" else [_MODES[interpolation]]
+        self.rand_augment = rand_augment
+        self.random_erasing = random_erasing
+        self.mean, self.std = _normalization(mean, std)
 
     def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {**sample, "image": self.fn(sample["image"])}
+        top, left, height, width = RandomResizedCropAndInterpolation.get_params(_pil(sample), self.scale, self.ratio)
+        interpolation = random.choice(self.interpolations) if len(self.interpolations) > 1 else self.interpolations[0]
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)
+        out = dict(sample)
+        for key in _GEOMETRIC_KEYS:
+            if key in out:
+                value = F.resized_crop(out[key], top, left, height, width, self.size, interpolation, antialias=True)
+                out[key] = F.horizontal_flip(value) if flip else value
+        image = out["image"]
+        if self.rand_augment is not None:
+            image = self.rand_augment(image)
+        tensor = to_normalized_tensor(image, self.mean, self.std)
+        out["image"] = self.random_erasing(tensor) if self.random_erasing is not None else tensor
+        return out
 
     def extra_repr(self) -> str:
-        return repr(self.fn)
+        modes = "/".join(m.value for m in self.interpolations)
+        return (
+            f"size={self.size[0]}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, interpolation={modes},\n"
+            f"rand_augment={self.rand_augment!r},\nrandom_erasing={self.random_erasing!r}"
+        )
 
 
-def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+class EvalTransform(nn.Module):
+    """Evaluation pipeline on a sample dict; see :func:`build_eval_transform`."""
+
+    def __init__(self, image_size: int, crop_pct: float, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.size = [image_size, image_size]
+        self.resize = [math.floor(image_size / crop_pct)]
+        self.mean, self.std = _normalization(mean, std)
+
+    def forward(self, sample: dict[str, Any]) -> dict[str, Any]:
+        _pil(sample)
+        out = dict(sample)
+        for key in _GEOMETRIC_KEYS:
+            if key in out:
+                resized = F.resize(out[key], self.resize, InterpolationMode.BICUBIC, antialias=True)
+                out[key] = F.center_crop(resized, self.size)
+        out["image"] = to_normalized_tensor(out["image"], self.mean, self.std)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"resize={self.resize[0]} (bicubic), center_crop={self.size[0]}"
 
 
 def build_train_transform(
@@ -80,38 +199,51 @@ def build_train_transform(
     re_mode: str = "pixel",
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> v2.Compose:
-    """timm-style training pipeline: RandomResizedCrop, flip, RandAugment, normalise, random erasing.
+    interpolation: Interpolation = "bicubic",
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> TrainTransform:
+    """timm's training pipeline (``transforms_imagenet_train`` with RandAugment, no colour jitter).
 
     Args:
         image_size: output side in pixels.
-        scale: area range of RandomResizedCrop.
+        scale, ratio: area and aspect-ratio ranges of the random-resized crop.
         hflip: horizontal flip probability.
         auto_augment: timm RandAugment string such as ``"rand-m9-mstd0.5-inc1"``, or ``None``.
         re_prob: random erasing probability (timm's, applied after normalisation).
         re_mode: random erasing fill, ``"pixel"`` (per-pixel normal noise) or ``"const"`` / ``"rand"``.
         mean, std: normalisation.
+        interpolation: of the crop and of RandAugment's geometric ops, see :data:`Interpolation`.
+            The default ``"bicubic"`` is DeiT's fine-tuning recipe (the downstream recipes');
+            :class:`~.imagenet.ImageNetDataModule` passes timm ``train.py``'s ``"random"``.
 
     Returns:
-        A callable on a sample dict (``image`` a PIL image or tensor, optional ``mask`` and ``boxes``
+        A callable on a sample dict (``image`` an RGB PIL image, optional ``mask`` and ``boxes``
         as tv_tensors) that returns the dict with ``image`` a normalised ``(3, S, S)`` float tensor.
         RandAugment's geometric ops move the image only: masks and boxes after it are approximate,
-        which training does not use.
+        which training does not use. Unlike ``transforms_imagenet_train``, there is no colour
+        jitter without ``auto_augment``.
     """
-    ops: list[nn.Module] = [
-        v2.RandomResizedCrop(image_size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    ]
-    if hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(hflip))
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    if not 0 < scale[0] <= scale[1] or not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"scale and ratio must be (low, high) with 0 < low <= high, got scale={scale}, ratio={ratio}")
+    if interpolation != "random" and interpolation not in _MODES:
+        raise ValueError(f"interpolation must be 'random', 'bilinear' or 'bicubic', got {interpolation!r}")
+    augment = None
     if auto_augment:
         if not auto_augment.startswith("rand"):
-            raise ValueError(f"auto_augment must be a timm RandAugment string like 'rand-m9-mstd0.5-inc1', got {auto_augment!r}")
-        hparams = dict(translate_const=int(image_size * 0.45), img_mean=tuple(round(255 * m) for m in mean))
-        ops += [v2.ToPILImage(), ImageOnly(rand_augment(auto_augment, hparams))]
-    ops += _to_normalized_tensor(mean, std)
-    if re_prob > 0:
-        ops.append(ImageOnly(RandomErasing(re_prob, mode=re_mode, device="cpu")))
-    return v2.Compose(ops)
+            raise ValueError(
+                f"auto_augment must be a timm RandAugment string like 'rand-m9-mstd0.5-inc1', got {auto_augment!r}"
+            )
+        hparams: dict[str, Any] = {
+            "translate_const": int(image_size * 0.45),
+            "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+        }
+        if interpolation != "random":  # timm's ops draw bilinear or bicubic themselves when none is given
+            hparams["interpolation"] = _PIL_MODES[interpolation]
+        augment = rand_augment(auto_augment, hparams)
+    erasing = RandomErasing(re_prob, mode=re_mode, device="cpu") if re_prob > 0 else None
+    return TrainTransform(image_size, scale, ratio, hflip, interpolation, augment, erasing, mean, std)
 
 
 def build_eval_transform(
@@ -119,19 +251,11 @@ def build_eval_transform(
     crop_pct: float = 0.875,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-) -> v2.Compose:
-    """Evaluation pipeline: resize the short side to ``image_size / crop_pct``, center crop, normalise.
+) -> EvalTransform:
+    """Evaluation pipeline: resize the short side to ``floor(image_size / crop_pct)`` (bicubic, as
+    timm's ``transforms_imagenet_eval``), center crop, normalise.
 
     Masks and boxes follow the image, so localization metrics compare maps and ground truth in the
     cropped frame.
     """
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    resize = int(round(image_size / crop_pct))
-    return v2.Compose(
-        [
-            v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(image_size),
-            *_to_normalized_tensor(mean, std),
-        ]
-    )
+    return EvalTransform(image_size, crop_pct, mean, std)

@@ -159,6 +159,7 @@ class COCO20kDataModule(DownstreamDataModule):
 
     def _build(self) -> tuple[None, Dataset, Dataset]:
         coco = self._load_coco()
+        self._classes = self._read_classes()  # now: the index is released below
         names = read_file_list(self.file_list)
         missing = [n for n in names if _image_id(n) not in coco.imgs]
         if missing:
@@ -182,5 +183,7 @@ class COCO20kDataModule(DownstreamDataModule):
             samples.append(FileSample(str(self.root / name), labels[0], boxes=boxes, extra=extra))
         if self.dropped:
             log.warning("COCO-20k: dropped %d image(s) whose annotations are all crowds, e.g. %s", len(self.dropped), self.dropped[:3])
+        # The samples hold all that is needed; COCO train's index takes GBs in every loader worker's parent.
+        self._coco = None
         data = self._files(samples, build_squash_transform(self.image_size))
         return None, data, data

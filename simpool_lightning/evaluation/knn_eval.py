@@ -27,12 +27,10 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from ..metrics.accuracy import topk_values
 from .frozen import FrozenFeatures, load_feature_model
-from ..metrics.knn import gather_features, knn_classify
+from ..metrics.knn import KNNAccuracy, gather_features, knn_classify, knn_topk_correct
 
 __all__ = ["AUGMENTATION_ATTRIBUTES", "KNNCallback", "KNNEvaluator", "extract_features", "reference_split"]
 
@@ -100,6 +98,9 @@ def extract_features(
 class KNNEvaluator(pl.LightningModule):
     """Weighted k-NN accuracy of a frozen model's ``features``: ``validate`` logs ``knn/acc1`` and (more than 5 classes) ``knn/acc5``.
 
+    Top-5 counts the first ``min(5, k)`` classes by vote, as DINO's ``knn_classifier`` does (see
+    :func:`~simpool_lightning.metrics.knn_topk_correct`).
+
     Args:
         model, checkpoint, model_kwargs: the feature model, as for
             :class:`~simpool_lightning.evaluation.LinearProbe`: a class path (``"DINO"``,
@@ -128,6 +129,7 @@ class KNNEvaluator(pl.LightningModule):
             raise ValueError(f"need k >= 1 and temperature > 0, got {k=}, {temperature=}")
         self.encoder = FrozenFeatures(load_feature_model(model, checkpoint, model_kwargs))
         self._references: Optional[tuple[Tensor, Tensor]] = None
+        self._num_classes = 0
         self._metrics: Optional[nn.ModuleList] = None
 
     def features(self, images: Tensor) -> Tensor:
@@ -140,15 +142,15 @@ class KNNEvaluator(pl.LightningModule):
             raise RuntimeError("KNNEvaluator needs a DataModule: its training split is the k-NN reference set")
         dataset, like = reference_split(datamodule)
         self._references = extract_features(self.encoder, dataset, like, self.device, self.global_rank, self.trainer.world_size)
-        num_classes = self.hparams.num_classes or int(self._references[1].max()) + 1
-        self._metrics = nn.ModuleList(
-            MulticlassAccuracy(num_classes, top_k=top_k, average="micro") for top_k in topk_values(num_classes)
-        ).to(self.device)
+        self._num_classes = self.hparams.num_classes or int(self._references[1].max()) + 1
+        voters = min(self.hparams.k, len(self._references[1]))  # knn_classify caps k the same way
+        self._metrics = nn.ModuleList(KNNAccuracy(top_k, voters) for top_k in topk_values(self._num_classes)).to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         features, labels = self._references
-        num_classes = self._metrics[0].num_classes
-        probs = knn_classify(features, labels, self.encoder(batch["image"]), num_classes, self.hparams.k, self.hparams.temperature)
+        probs = knn_classify(
+            features, labels, self.encoder(batch["image"]), self._num_classes, self.hparams.k, self.hparams.temperature
+        )
         for metric in self._metrics:
             metric.update(probs, batch["label"])
 
@@ -162,7 +164,8 @@ class KNNCallback(pl.Callback):
 
     Extracts the reference set (the training split without its augmentation) and the
     validation split at the end of a training epoch, in eval mode, and logs ``knn/acc1`` and
-    ``knn/acc5``. Needs the DataModule to carry labels.
+    ``knn/acc5`` (DINO's rule: the first ``min(5, k)`` classes by vote). Needs the DataModule to
+    carry labels.
 
     Args:
         every_n_epochs: run after every n-th epoch, and after the last one.
@@ -195,10 +198,11 @@ class KNNCallback(pl.Callback):
                 module.training = training
         num_classes = int(max(labels.max(), query_labels.max())) + 1
         probs = knn_classify(references, labels, queries, num_classes, self.k, self.temperature)
+        voters = min(self.k, len(labels))  # knn_classify caps k the same way
         # Every process holds all references and queries, so every process logs the same numbers.
         pl_module.log_dict(
             {
-                f"knn/acc{top_k}": multiclass_accuracy(probs, query_labels, num_classes, top_k=top_k, average="micro")
+                f"knn/acc{top_k}": knn_topk_correct(probs, query_labels, top_k, voters).float().mean()
                 for top_k in topk_values(num_classes)
             },
             prog_bar=True,

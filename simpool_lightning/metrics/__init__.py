@@ -8,7 +8,7 @@ syncs across processes. The classifier and DINO modules log them; the evaluators
 """
 from .accuracy import topk_accuracy, topk_values
 from .discovery import DiscoveryCorLoc, LOSTResult, dino_seg_box, lost, lost_degrees, lost_iou
-from .knn import gather_features, knn_classify
+from .knn import KNNAccuracy, gather_features, knn_classify, knn_topk_correct
 from .localization import (
     CorLoc,
     MaskIoU,
@@ -16,6 +16,7 @@ from .localization import (
     box_iou,
     largest_component_box,
     resize_attention,
+    resize_scoremaps,
     threshold_by_mass,
     threshold_by_value,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "PROTOCOLS",
     "CorLoc",
     "DiscoveryCorLoc",
+    "KNNAccuracy",
     "LOSTResult",
     "MaskIoU",
     "MaxBoxAccV2",
@@ -34,11 +36,13 @@ __all__ = [
     "dino_seg_box",
     "gather_features",
     "knn_classify",
+    "knn_topk_correct",
     "largest_component_box",
     "lost",
     "lost_degrees",
     "lost_iou",
     "resize_attention",
+    "resize_scoremaps",
     "revisited_map",
     "threshold_by_mass",
     "threshold_by_value",

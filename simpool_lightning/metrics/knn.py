@@ -1,12 +1,18 @@
-"""Weighted k-NN classification on frozen features (Wu et al., CVPR 2018; DINO's ``eval_knn.py``)."""
+"""Weighted k-NN classification on frozen features (Wu et al., CVPR 2018; DINO's ``eval_knn.py``).
+
+Follows facebookresearch/dino at commit 7c446df, ``eval_knn.py`` ``knn_classifier``:
+:func:`knn_classify` gives its votes, :func:`knn_topk_correct` and :class:`KNNAccuracy` its
+top-1 / top-5 rule; ``tests/reference/dino_knn.py`` transcribes it and the tests compare.
+"""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
 
-__all__ = ["gather_features", "knn_classify"]
+__all__ = ["KNNAccuracy", "gather_features", "knn_classify", "knn_topk_correct"]
 
 
 @torch.no_grad()
@@ -23,10 +29,12 @@ def knn_classify(
 
     Features are L2-normalised, so similarity is cosine. Each test sample takes its ``k`` most
     similar training samples; neighbour ``j`` votes for its label with weight
-    ``exp(sim_j / temperature)``, and the votes are normalised to sum to 1. The argmax is DINO's
-    top-1 prediction (``probs.topk(5)`` gives its top-5); ``torch.argmax`` breaks ties towards the
-    lower class index. Which of equally similar neighbours enter the top ``k`` is up to
-    ``torch.topk``. ``k`` is capped at the number of training samples.
+    ``exp(sim_j / temperature)``, and the votes are normalised to sum to 1 (DINO leaves them
+    unnormalised; the order of the classes is the same). Classes without a vote get exactly 0.
+    Score the result with :func:`knn_topk_correct` or :class:`KNNAccuracy`, which apply DINO's
+    top-k rule (for ``k < 5`` a plain ``probs.topk(5)`` would count classes that got no vote).
+    Which of equally similar neighbours enter the top ``k`` is up to ``torch.topk``. ``k`` is
+    capped at the number of training samples.
 
     Args:
         train_features: ``(N, D)``.
@@ -69,6 +77,73 @@ def knn_classify(
         votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device).scatter_add_(1, labels[idx], weights)
         probs.append(votes / votes.sum(dim=1, keepdim=True))
     return torch.cat(probs) if probs else test.new_zeros(0, num_classes)
+
+
+def knn_topk_correct(probs: Tensor, targets: Tensor, top_k: int, k: int) -> Tensor:
+    """Whether each query's label is among its first ``min(top_k, k)`` classes by vote: DINO's rule.
+
+    DINO's ``knn_classifier`` sorts the classes by their votes and counts a top-5 hit among the
+    first ``min(5, k)`` of them, because with ``k`` neighbours at most ``k`` classes can have a
+    vote (``top5`` with ``k = 1`` is top-1). Equal votes are ranked by increasing class index (a
+    stable sort), so the result is deterministic; DINO's ``sort`` leaves their order unspecified,
+    which matters only when fewer than ``min(top_k, k)`` classes got a vote and the label got none.
+
+    Args:
+        probs: votes ``(M, C)``, e.g. from :func:`knn_classify`.
+        targets: labels ``(M,)`` in ``[0, C)``.
+        top_k: 1 for top-1, 5 for top-5.
+        k: the neighbours that voted: :func:`knn_classify`'s ``k`` capped at the number of
+            training samples.
+
+    Returns:
+        Boolean ``(M,)``.
+    """
+    if probs.dim() != 2 or targets.shape != probs.shape[:1]:
+        raise ValueError(
+            f"probs must be (M, C) and targets (M,), got {tuple(probs.shape)} and {tuple(targets.shape)}"
+        )
+    if top_k < 1 or k < 1:
+        raise ValueError(f"top_k and k must be positive, got {top_k=}, {k=}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= probs.shape[1]):
+        raise ValueError(f"targets must lie in [0, num_classes) = [0, {probs.shape[1]})")
+    slots = min(top_k, k, probs.shape[1])
+    ranked = probs.sort(dim=1, descending=True, stable=True).indices[:, :slots]
+    return (ranked == targets.to(ranked.device)[:, None]).any(dim=1)
+
+
+class KNNAccuracy(Metric):
+    """Top-k accuracy of k-NN votes by DINO's rule (:func:`knn_topk_correct`), as a torchmetrics ``Metric``.
+
+    Counts are sums (``dist_reduce_fx="sum"``), so under DDP the processes' queries add up.
+
+    Args:
+        top_k: 1 or 5 (any positive int): the ``acc{top_k}`` this metric logs.
+        k: the neighbours that voted (``knn_classify``'s ``k`` capped at the number of references).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, top_k: int, k: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if top_k < 1 or k < 1:
+            raise ValueError(f"top_k and k must be positive, got {top_k=}, {k=}")
+        self.top_k, self.k = top_k, k
+        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, probs: Tensor, targets: Tensor) -> None:
+        """Accumulate votes ``(M, C)`` and labels ``(M,)``."""
+        self.correct += knn_topk_correct(probs, targets, self.top_k, self.k).sum().to(self.correct.device)
+        self.total += targets.shape[0]
+
+    def compute(self) -> Tensor:
+        """Fraction of queries counted correct, in ``[0, 1]`` (float32)."""
+        return self.correct.float() / self.total
 
 
 def _all_gather_rows(x: Tensor, counts: list[int]) -> Tensor:

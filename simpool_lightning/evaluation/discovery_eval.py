@@ -93,7 +93,7 @@ class DiscoveryEvaluator(FrozenEvaluator):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=[] if isinstance(model, str) else ["model"])
-        methods = tuple(methods)
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
         unknown = [m for m in methods if m not in DISCOVERY_METHODS]
         if not methods or unknown or len(set(methods)) != len(methods):
             raise ValueError(f"methods must be distinct names from {DISCOVERY_METHODS}, got {list(methods)}")

@@ -147,8 +147,8 @@ def test_refusals_name_the_problem() -> None:
     avg = ImageClassifier(*VIT, pool="avg", num_classes=4)
     with pytest.raises(ValueError, match="the pool 'avg' has none"):
         DiscoveryEvaluator(avg, methods=["lost", "dino_seg"])
-    # LOST reads keys, not the pool's attention: any pool will do.
-    assert DiscoveryEvaluator(avg, methods=["lost"]).discover(torch.randn(1, 3, 32, 32))["lost"].shape == (1, 4)
+    # LOST reads keys, not the pool's attention: any pool will do (and one name is a list of one).
+    assert DiscoveryEvaluator(avg, methods="lost").discover(torch.randn(1, 3, 32, 32))["lost"].shape == (1, 4)
     with pytest.raises(ValueError, match="needs batches with 'boxes'"):
         DiscoveryEvaluator(vit)._step({"image": torch.randn(1, 3, 32, 32)}, 0)
 

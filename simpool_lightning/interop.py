@@ -6,10 +6,19 @@ Here whole models are built on them: :func:`load_official` reads a file into an
 ``ImageClassifier`` or ``DINO``; :func:`export_official` writes one back as the authors' code
 saves it.
 
-Official checkpoints store the training ``args`` as an ``argparse.Namespace``, which
-``torch.load(weights_only=True)`` refuses; :func:`load_official` then says so and names the
+Official checkpoints store the training ``args`` as an ``argparse.Namespace``; files are read with
+``weights_only=True`` and that one class allowed (:mod:`simpool_lightning.weights.io`), so they
+load with the defaults. A file holding any other object is refused with a message that names the
 opt-out, ``weights_only=False`` (only for files you trust). Files written by
 :func:`export_official` hold tensors, numbers and strings only.
+
+The DINO fork's SimPool-mode ViT resamples its position embedding at every forward (see
+:mod:`simpool_lightning.weights.pos_embed`): the imported table is that resampling, made once, so
+our ViT computes the authors' features at the training resolution. The table as the file stored it
+stays on the backbone as the non-persistent buffer ``official_pos_embed``, and
+:func:`export_official` writes it back unchanged while the model's table is still its resampling
+(bit for bit); a changed table (after training) is written as the stored table that the fork's
+forward resamples into it.
 """
 from __future__ import annotations
 
@@ -37,8 +46,11 @@ from .weights.official import (
     classifier_kwargs,
     classifier_rules,
     detect_kind,
+    dino_family,
+    dino_from_official,
     dino_kwargs,
-    dino_rules,
+    dino_official_names,
+    dino_to_official,
     from_official,
     to_official,
 )
@@ -144,15 +156,32 @@ def _classifier_checkpoint(model: ImageClassifier, kind: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- DINO
 
+def _load_network(net: nn.Module, network: Mapping[str, Tensor], family: str, simpool: bool, what: str) -> None:
+    """Load a DINO fork network (official names) into our ``MultiCropNet``; a backbone alone into its backbone."""
+    hint = "check backbone= and backbone_kwargs (e.g. num_heads) against the checkpoint's architecture"
+    with_head = any(k.startswith("head.") for k in network)
+    target: nn.Module = net if with_head else net.backbone
+    ours = target.state_dict() if with_head else {"backbone." + k: v for k, v in target.state_dict().items()}
+    names = dino_official_names(ours, family, simpool)
+    check_fits({names[k]: tuple(v.shape) for k, v in ours.items()}, network, f"{what} (official key names)", hint)
+    state = dino_from_official(network, family, simpool)
+    target.load_state_dict(state if with_head else {k[len("backbone.") :]: v for k, v in state.items()})
+    if family == "vit" and simpool:
+        # What the file stored, before the resampling of weights.pos_embed: export writes it back
+        # unchanged while the table is untouched (not saved in our own checkpoints).
+        net.backbone.register_buffer("official_pos_embed", network["backbone.pos_embed"].clone(), persistent=False)
+
+
 def _load_dino(checkpoint: Any, model_kwargs: dict[str, Any]) -> DINO:
     parsed = parse_official(checkpoint, "dino")
-    kwargs = dino_kwargs(parsed.student, parsed.args, model_kwargs)
-    _check_family(kwargs["backbone"], "vit")
+    student = parsed.student if parsed.student is not None else parsed.teacher
+    family = dino_family(student)
+    kwargs = dino_kwargs(student, parsed.args, model_kwargs)
+    _check_family(kwargs["backbone"], family)
     model = DINO(**kwargs)
-    rules = dino_rules(kwargs["pool"] == "simpool")
-    hint = "check backbone= and backbone_kwargs (e.g. num_heads) against the checkpoint's architecture"
-    _load_official_state(model.student, parsed.student, rules, "student", hint)
-    _load_official_state(model.teacher, parsed.teacher, rules, "teacher", hint)
+    simpool = kwargs["pool"] == "simpool"
+    _load_network(model.student, student, family, simpool, "student" if parsed.student is not None else "teacher")
+    _load_network(model.teacher, parsed.teacher, family, simpool, "teacher")
     if parsed.center is not None:
         _load_official_state(model.criterion, {"center": parsed.center}, (("", ""),), "dino_loss")
     return model
@@ -160,19 +189,19 @@ def _load_dino(checkpoint: Any, model_kwargs: dict[str, Any]) -> DINO:
 
 def _dino_checkpoint(model: DINO) -> dict[str, Any]:
     backbone = model.student.backbone
-    if _family_of(backbone) != "vit":
-        raise NotImplementedError(
-            "only the official DINO ViT shares timm's names; the DINO fork's ResNet-50 and ConvNeXt do not"
-        )
+    family = _family_of(backbone)
     simpool = backbone.pool_name == "simpool"
+    official_pools = ("simpool", TOKEN_POOL if family == "vit" else "avg")
+    if backbone.pool_name not in official_pools:
+        raise ValueError(f"the official DINO {family} pools with {' or '.join(map(repr, official_pools))}, not {backbone.pool_name!r}")
     if simpool:
-        if backbone.placement != "before_norm":
+        if family == "vit" and backbone.placement != "before_norm":
             raise ValueError("the official DINO ViT pools the tokens before its final norm: use placement='before_norm'")
-        # vision_transformer.py: SimPool(embed_dim, num_heads=1, qkv_bias=False, gamma=gamma, use_beta=True);
-        # sp.py creates beta only with a gamma.
-        _check_simpool_exportable(backbone.pool, use_beta=backbone.pool.gamma is not None, where="backbone.simpool")
-    elif backbone.pool_name != TOKEN_POOL:
-        raise ValueError(f"the official DINO ViT pools with 'simpool' or its [CLS] token ('token'), not {backbone.pool_name!r}")
+        # vision_transformer.py: SimPool(embed_dim, num_heads=1, qkv_bias=False, gamma=gamma, use_beta=True), and
+        # sp.py creates beta only with a gamma; resnet.py and convnext.py: SimPool(dim, gamma=gamma), no beta.
+        _check_simpool_exportable(
+            backbone.pool, use_beta=family == "vit" and backbone.pool.gamma is not None, where="backbone.simpool"
+        )
     hp = model.hparams
     different = {k: hp[k] for k, v in OFFICIAL_DINO_HEAD.items() if hp[k] != v}
     if different:
@@ -181,25 +210,25 @@ def _dino_checkpoint(model: DINO) -> dict[str, Any]:
             f"loop cannot resume from this file, though its eval scripts read the teacher's backbone",
             stacklevel=4,  # the caller of export_official
         )
+
+    def official(net: nn.Module) -> dict[str, Tensor]:
+        return dino_to_official(net.state_dict(), family, simpool, getattr(net.backbone, "official_pos_embed", None))
+
     # main_dino.py wraps the student in DDP, the teacher only when the network has batch norms.
-    rules = dino_rules(simpool)
     has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.student.modules())
     teacher_prefix = "module." if has_batchnorm else ""
     args = {name: hp[name] for name in DINO_ARGS}
-    args.update(
-        arch=hp.backbone,
-        mode="simpool" if simpool else "official",
-        gamma=backbone.pool.gamma if simpool else None,
-        patch_size=backbone.model.patch_embed.patch_size[0],
-    )
+    args.update(arch=hp.backbone, mode="simpool" if simpool else "official", gamma=backbone.pool.gamma if simpool else None)
+    if family == "vit":
+        args["patch_size"] = backbone.model.patch_embed.patch_size[0]
     return {
-        "student": {"module." + k: v for k, v in to_official(model.student.state_dict(), rules).items()},
-        "teacher": {teacher_prefix + k: v for k, v in to_official(model.teacher.state_dict(), rules).items()},
+        "student": {"module." + k: v for k, v in official(model.student).items()},
+        "teacher": {teacher_prefix + k: v for k, v in official(model.teacher).items()},
         # Our optimizer's groups are not the official ones: restart_from_checkpoint reports that it
         # cannot load this state and starts the optimizer afresh, as it does for any mismatch.
         "optimizer": {"state": {}, "param_groups": []},
         "epoch": model.current_epoch,  # main_dino saves epoch + 1: the epochs done, where it resumes
-        "args": args,  # a dict, not the official Namespace: nothing official reads it, and it stays weights_only-safe
+        "args": args,  # a dict: nothing official reads it back, and our reader takes dicts and Namespaces alike
         "dino_loss": {"center": model.criterion.center.detach().cpu()},
     }
 
@@ -219,10 +248,14 @@ def load_official(
 
     Args:
         path: the checkpoint file.
-        kind: ``"supervised"``, ``"timm"`` or ``"dino"`` (see the module docstring); ``None`` tells
-            them apart by the file's entries.
-        weights_only: unpickle tensors and plain containers only. Official files carry an
-            ``argparse.Namespace`` and need ``False``: use it only for files you trust.
+        kind: ``"supervised"``, ``"timm"`` or ``"dino"`` (see :mod:`simpool_lightning.weights.official`);
+            ``None`` tells them apart by the file's entries. ``"dino"`` reads main_dino's
+            ``checkpoint.pth`` (ViT, ResNet-50 or ConvNeXt, modes ``simpool`` and ``official``, with
+            or without DDP's ``module.``) and files with one network or a backbone alone (a stripped
+            teacher, DINO's ``*_pretrain.pth``): both networks start from it and the DINO head is
+            built fresh (``out_dim`` and the head sizes from ``model_kwargs``).
+        weights_only: unpickle tensors, plain containers and ``argparse.Namespace`` only (official
+            files load with it); ``False`` for a file you trust that holds other objects.
         ema: supervised: load ``state_dict_ema`` (the EMA weights) instead of ``state_dict``.
         model_kwargs: for the model's constructor (``ImageClassifier``). What the weights tell is
             filled in where not given: ``num_classes``, ``pool`` (``simpool`` where SimPool keys
@@ -234,7 +267,7 @@ def load_official(
             checkpoint's EMA weights where it has them.
 
     Raises:
-        pickle.UnpicklingError: the file needs ``weights_only=False``.
+        pickle.UnpicklingError: the file holds other objects and needs ``weights_only=False``.
         WeightsMismatchError: keys or shapes differ; lists the missing, unexpected and
             mis-shaped keys.
         ValueError: the architecture or gamma cannot be determined, or the file is not a checkpoint.
@@ -254,10 +287,11 @@ def export_official(
     """Write ``model`` as an official checkpoint that the authors' code loads.
 
     Args:
-        model: an :class:`ImageClassifier`.
+        model: an :class:`ImageClassifier` or a :class:`DINO` (ViT, ResNet or ConvNeXt).
         path: the file to write (``.pth.tar`` for supervised, by the official convention).
         kind: ``"supervised"`` (default): ``{'state_dict', 'state_dict_ema' (with an EMA), 'arch',
-            'epoch', 'version'}``; ``"timm"``: the bare state dict.
+            'epoch', 'version'}``; ``"timm"``: the bare state dict; ``"dino"`` (a DINO model):
+            main_dino's ``checkpoint.pth`` (``student``, ``teacher``, ``dino_loss``, ``args`` ...).
 
     Raises:
         ValueError: the model has no official equivalent (another pool, a multi-head or biased

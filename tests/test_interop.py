@@ -1,9 +1,12 @@
 """Official checkpoints in and out: every layout built here from its official key names and shapes.
 
-Each official state dict is assembled the way the authors' code names it (timm's model with the
-fork's pool wrapper, read from billpsomas/simpool), with every parameter perturbed so that any
-mix-up shows; the reference outputs come from the official formula (tests/reference) on the timm
-model holding the same weights.
+Supervised: each official state dict is assembled the way the authors' timm fork names it (timm's
+model with the fork's pool wrapper), and the reference outputs come from the official SimPool
+formula (tests/reference/official_simpool.py) on the timm model holding the same weights.
+DINO: the fork's own networks, re-implemented in tests/reference/official_dino.py (ViT with its
+position-embedding resampling, torchvision's ResNet, the ConvNeXt repo's ConvNeXt, DINOHead),
+build the checkpoint main_dino.py saves and compute the reference outputs. Every parameter and
+batch-norm statistic is perturbed so that any mix-up shows.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from safetensors.torch import save_file as save_safetensors
 from torch import Tensor, nn
 
 from simpool_lightning.interop import CheckpointMismatchError, export_official, load_official
-from simpool_lightning.models import ImageClassifier
+from simpool_lightning.models import ImageClassifier, PooledBackbone
 from simpool_lightning.models.dino import DINO
+from tests.reference.official_dino import OfficialViT, main_dino_checkpoint, main_dino_networks
 from tests.reference.official_simpool import OfficialSimPool
 
 NUM_CLASSES = 5
@@ -32,11 +36,16 @@ BATCH_MIN = {"min_mode": "batch"}
 
 
 def _perturb(module: nn.Module, seed: int) -> nn.Module:
-    """Move every parameter off its initial value (LayerNorm ones, zero biases ...), so mix-ups show."""
+    """Move every parameter and batch-norm statistic off its initial value (LayerNorm ones, zero biases ...)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.add_(torch.randn(b.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                b.mul_(torch.rand(b.shape, generator=gen) + 0.5)
     return module.eval()
 
 
@@ -72,10 +81,10 @@ def _supervised_vit(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
     return {**vit.state_dict(), **_with_prefix("gp.pool.", pool)}, forward
 
 
-def _supervised_resnet(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
+def _supervised_resnet(gamma: Optional[float], name: str = "resnet18", **sizes: Any) -> tuple[dict[str, Tensor], Any]:
     """resnet.py: global_pool = SelectAdaptivePool2d(pool_type='simpool'), then fc."""
-    resnet = _perturb(timm.create_model("resnet18", num_classes=NUM_CLASSES), 0)
-    pool = _official_pool(512, gamma)
+    resnet = _perturb(timm.create_model(name, num_classes=NUM_CLASSES, **sizes), 0)
+    pool = _official_pool(resnet.num_features, gamma)
 
     def forward(x: Tensor) -> Tensor:
         return resnet.fc(pool(resnet.forward_features(x))[0])
@@ -83,10 +92,10 @@ def _supervised_resnet(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
     return {**resnet.state_dict(), **_with_prefix("global_pool.pool.", pool)}, forward
 
 
-def _supervised_convnext(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
+def _supervised_convnext(gamma: Optional[float], name: str = "convnext_atto", **sizes: Any) -> tuple[dict[str, Tensor], Any]:
     """convnext.py: head = (global_pool, norm, flatten, drop, fc); the norm follows the pool."""
-    convnext = _perturb(timm.create_model("convnext_atto", num_classes=NUM_CLASSES), 0)
-    pool = _official_pool(320, gamma)
+    convnext = _perturb(timm.create_model(name, num_classes=NUM_CLASSES, **sizes), 0)
+    pool = _official_pool(convnext.num_features, gamma)
 
     def forward(x: Tensor) -> Tensor:
         pooled = pool(convnext.forward_features(x))[0]
@@ -95,19 +104,27 @@ def _supervised_convnext(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any
     return {**convnext.state_dict(), **_with_prefix("head.global_pool.pool.", pool)}, forward
 
 
-# builder, timm name, what the weights cannot tell, the paper's gamma, image side (CNNs: a 2 x 2 map)
+# The released architectures (ViT-S, ResNet-50, ConvNeXt-S) at test sizes: fewer blocks, narrower.
+RESNET50_SIZES: dict[str, Any] = dict(layers=(1, 1, 1, 1), base_width=16)  # timm's names
+RESNET50_REFERENCE: dict[str, Any] = dict(layers=(1, 1, 1, 1), width_per_group=16)  # torchvision's
+CONVNEXT_S_SIZES: dict[str, Any] = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 48))
+
+# builder, timm name, backbone_kwargs (sizes the weights do not tell to ImageClassifier), the paper's
+# gamma, image side (CNNs: a 2 x 2 map)
 SUPERVISED = {
-    "vit": (_supervised_vit, VIT, {"num_heads": 2}, 1.25, 32),
-    "resnet": (_supervised_resnet, "resnet18", None, 2.0, 64),
-    "convnext": (_supervised_convnext, "convnext_atto", None, 2.0, 64),
+    "vit_small": (_supervised_vit, VIT, {"num_heads": 2}, 1.25, 32),
+    "resnet50": (lambda g: _supervised_resnet(g, "resnet50", **RESNET50_SIZES), "resnet50", RESNET50_SIZES, 2.0, 64),
+    "convnext_small": (
+        lambda g: _supervised_convnext(g, "convnext_small", **CONVNEXT_S_SIZES), "convnext_small", CONVNEXT_S_SIZES, 2.0, 64
+    ),
 }
 
 
 # ---------------------------------------------------------------------- supervised
 
 
-# the mapping does not depend on gamma: "no gamma" only on the cheap ViT
-@pytest.mark.parametrize("family,with_gamma", [("vit", True), ("vit", False), ("resnet", True), ("convnext", True)])
+@pytest.mark.parametrize("with_gamma", [True, False], ids=["gamma", "no-gamma"])
+@pytest.mark.parametrize("family", sorted(SUPERVISED))
 def test_supervised_loads_matches_official_and_exports_back(family: str, with_gamma: bool, tmp_path: Path) -> None:
     build, backbone, backbone_kwargs, gamma, size = SUPERVISED[family]
     gamma = gamma if with_gamma else None
@@ -131,7 +148,7 @@ def test_supervised_loads_matches_official_and_exports_back(family: str, with_ga
 
     x = _images(size=size)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), official_forward(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x), official_forward(x), atol=1e-5, rtol=1e-5)
 
 
 def test_default_min_mode_equals_official_at_batch_size_one(tmp_path: Path) -> None:
@@ -209,19 +226,30 @@ def test_wrong_keys_and_shapes_are_listed(tmp_path: Path) -> None:
         assert key in str(err)
 
 
-def test_pickled_args_need_the_opt_out(tmp_path: Path) -> None:
+class _NotAllowed:
+    """A class of this test module: nothing weights_only=True may rebuild."""
+
+
+def test_namespace_args_load_with_weights_only_and_other_objects_are_refused(tmp_path: Path) -> None:
     state, official_forward = _supervised_vit(1.25)
     args = argparse.Namespace(model=VIT, gp="simpool", gamma=1.25, num_classes=NUM_CLASSES)
     path = tmp_path / "with_args.pth.tar"
     torch.save({"state_dict": state, "args": args, "epoch": 0}, path)
-    with pytest.raises(pickle.UnpicklingError, match="weights_only=False"):
-        load_official(path)
-    # backbone and gamma come from the args; only the head count is not recorded anywhere
-    model = load_official(path, weights_only=False, backbone_kwargs={"num_heads": 2})
+    # backbone and gamma come from the Namespace; only the head count is not recorded anywhere
+    model = load_official(path, backbone_kwargs={"num_heads": 2})
     assert model.hparams.backbone == VIT and model.hparams.pool_kwargs["gamma"] == 1.25
     x = _images(batch=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), official_forward(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(x), official_forward(x), atol=1e-5, rtol=1e-5)
+
+    # anything else is refused, naming the opt-out, by load_official and by pretrained_path
+    torch.save({"state_dict": state, "args": args, "extra": _NotAllowed()}, tmp_path / "other.pth.tar")
+    with pytest.raises(pickle.UnpicklingError, match="weights_only=False"):
+        load_official(tmp_path / "other.pth.tar", backbone_kwargs={"num_heads": 2})
+    with pytest.raises(pickle.UnpicklingError, match="pretrained_weights_only=False"):
+        ImageClassifier(VIT, VIT_KWARGS, pool_kwargs={"gamma": 1.25}, pretrained_path=str(tmp_path / "other.pth.tar"))
+    trusted = load_official(tmp_path / "other.pth.tar", weights_only=False, backbone_kwargs={"num_heads": 2})
+    torch.testing.assert_close(trusted.net.head[1].weight, state["head.weight"])
 
 
 def test_missing_architecture_or_gamma_is_asked_for(tmp_path: Path) -> None:
@@ -245,87 +273,163 @@ def test_export_refuses_what_the_official_code_cannot_express(pool: str, pool_kw
         export_official(model, tmp_path / "x.pth.tar")
 
 
-# ---------------------------------------------------------------------- DINO (ViT)
-
-
-class _OfficialDINOHead(nn.Module):
-    """self_supervised/vision_transformer.py DINOHead: MLP, L2 norm, nn.utils.weight_norm (weight_g, weight_v)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # the old weight_norm is what the official code used
-            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
-
+# ---------------------------------------------------------------------- DINO: the fork's networks
 
 DINO_HEAD = dict(out_dim=32, hidden_dim=48, bottleneck_dim=16)
+VIT_SIZES = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+# family, the fork's --arch, --mode, --gamma, the reference's sizes, backbone_kwargs the weights do
+# not tell, image side (the training resolution of the ViT's table; CNNs: a 2 x 2 map)
+DINO_KINDS: dict[str, tuple[str, str, str, Optional[float], dict[str, Any], dict[str, Any], int]] = {
+    "vit-simpool": ("vit", "vit_small", "simpool", 1.25, VIT_SIZES, {"num_heads": 2}, 32),
+    "vit-official": ("vit", "vit_small", "official", 1.25, VIT_SIZES, {"num_heads": 2}, 32),
+    "resnet50-simpool": ("resnet", "resnet50", "simpool", 2.0, RESNET50_REFERENCE, {}, 64),
+    "resnet50-official": ("resnet", "resnet50", "official", 2.0, RESNET50_REFERENCE, {}, 64),
+    "convnext_small-simpool": ("convnext", "convnext_small", "simpool", 2.0, CONVNEXT_S_SIZES, {}, 64),
+    "convnext_small-official": ("convnext", "convnext_small", "official", 2.0, CONVNEXT_S_SIZES, {}, 64),
+}
 
 
-def _official_dino_vit(seed: int) -> tuple[dict[str, Tensor], Any, Any]:
-    """vision_transformer.py (mode 'simpool'): no class token; blocks -> simpool (use_beta) -> norm; DINOHead."""
-    vit = _perturb(timm.create_model(VIT, class_token=False, global_pool="", num_classes=0, **VIT_KWARGS), seed)
-    pool = _official_pool(64, 1.25, use_beta=True, seed=seed + 1)
-    head = _perturb(_OfficialDINOHead(64, **DINO_HEAD), seed + 2)
-    backbone_state = {**vit.state_dict(), **_with_prefix("simpool.", pool)}
-    norm, vit.norm = vit.norm, nn.Identity()
+def _official_dino(kind: str, seed: int = 0) -> tuple[dict[str, Any], nn.Module, nn.Module]:
+    """``(checkpoint.pth as main_dino saves it, student, teacher)`` of the fork's networks for ``kind``.
 
-    def features(x: Tensor) -> Tensor:
-        return norm(pool(vit.forward_features(x))[0])
-
-    state = {**{"backbone." + k: v for k, v in backbone_state.items()}, **_with_prefix("head.", head)}
-    return state, features, lambda x: head(features(x))
-
-
-def test_dino_vit_loads_matches_official_and_exports_back(tmp_path: Path) -> None:
-    student, _, student_forward = _official_dino_vit(seed=0)
-    teacher, teacher_features, teacher_forward = _official_dino_vit(seed=10)
-    center = torch.randn(1, DINO_HEAD["out_dim"])
-    args = argparse.Namespace(arch="vit_tiny", mode="simpool", gamma=1.25, patch_size=8, out_dim=DINO_HEAD["out_dim"],
-                              use_bn_in_head=False, norm_last_layer=False, momentum_teacher=0.996, lr=5e-4)
-    official = {
-        "student": {"module." + k: v for k, v in student.items()},  # DDP
-        "teacher": teacher,  # no batch norm: main_dino leaves the teacher unwrapped
-        "optimizer": {"state": {}, "param_groups": []},
-        "epoch": 3,
-        "args": args,
-        "dino_loss": {"center": center},
-    }
-    path = tmp_path / "checkpoint.pth"
-    torch.save(official, path)
-    with pytest.raises(pickle.UnpicklingError, match="weights_only=False"):
-        load_official(path)
-
-    model = load_official(path, weights_only=False, backbone_kwargs={"num_heads": 2}, pool_kwargs={"gamma": 1.25, **BATCH_MIN})
-    assert isinstance(model, DINO) and not model.training
-    hp = model.hparams
-    assert (hp.backbone, hp.pool, hp.placement, hp.out_dim, hp.head_hidden_dim, hp.head_bottleneck_dim) == (
-        "vit_tiny_patch16_224", "simpool", "before_norm", 32, 48, 16
+    The ResNet recipe has BatchNorm in the head (``--use_bn_in_head True``), so main_dino wraps
+    the teacher in DDP too (``module.``); the ViT and ConvNeXt recipes have none.
+    """
+    family, arch, mode, gamma, sizes, _, _ = DINO_KINDS[kind]
+    use_bn = family == "resnet"
+    student, teacher = main_dino_networks(family, mode, gamma, dict(DINO_HEAD, use_bn=use_bn), **sizes)
+    _perturb(student, seed)
+    _perturb(teacher, seed + 10)
+    args = argparse.Namespace(
+        arch=arch, mode=mode, gamma=gamma, patch_size=VIT_SIZES["patch_size"], out_dim=DINO_HEAD["out_dim"],
+        use_bn_in_head=use_bn, norm_last_layer=False, momentum_teacher=0.996, drop_path_rate=0.1, lr=5e-4,
+        global_crops_scale=(0.25, 1.0), nb_knn=[10, 20, 100, 200],
     )
-    assert hp.norm_last_layer is False and hp.pool_kwargs["use_beta"] is True
-    torch.testing.assert_close(model.criterion.center, center)
-    x = _images()
+    center = torch.randn(1, DINO_HEAD["out_dim"], generator=torch.Generator().manual_seed(seed))
+    return main_dino_checkpoint(student, teacher, args, center, epoch=3), student, teacher
+
+
+def _load_dino_kind(path: Path, kind: str, **extra: Any) -> DINO:
+    _, _, mode, _, _, backbone_kwargs, _ = DINO_KINDS[kind]
+    kwargs: dict[str, Any] = dict(backbone_kwargs={**backbone_kwargs}, **extra)
+    if mode == "simpool":
+        kwargs["pool_kwargs"] = {**kwargs.get("pool_kwargs", {}), **BATCH_MIN}
+    model = load_official(path, **kwargs)
+    assert isinstance(model, DINO) and not model.training
+    return model
+
+
+@pytest.mark.parametrize("kind", list(DINO_KINDS))
+def test_dino_loads_matches_official_and_exports_back(kind: str, tmp_path: Path) -> None:
+    family, arch, mode, gamma, _, _, size = DINO_KINDS[kind]
+    official, student, teacher = _official_dino(kind)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(official, path)  # its args are an argparse.Namespace: read with the default weights_only=True
+
+    model = _load_dino_kind(path, kind)
+    hp = model.hparams
+    assert hp.pool == ("simpool" if mode == "simpool" else "token" if family == "vit" else "avg")
+    assert (hp.out_dim, hp.head_hidden_dim, hp.head_bottleneck_dim, hp.use_bn_in_head) == (32, 48, 16, family == "resnet")
+    if mode == "simpool":
+        assert hp.pool_kwargs["gamma"] == gamma and hp.pool_kwargs["use_beta"] == (family == "vit")
+    torch.testing.assert_close(model.criterion.center, official["dino_loss"]["center"], atol=0, rtol=0)
+    x = _images(size=size)
     with torch.no_grad():
-        torch.testing.assert_close(model.features(x), teacher_features(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model.teacher([x]), teacher_forward(x), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(model.student([x]), student_forward(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.features(x), teacher.backbone(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.teacher([x]), teacher([x]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.student([x]), student([x]), atol=1e-5, rtol=1e-5)
 
     with pytest.warns(UserWarning, match="DINOHead"):  # the test's head is smaller than main_dino's
         export_official(model, tmp_path / "exported.pth")
     written = torch.load(tmp_path / "exported.pth", weights_only=True)
     assert set(written) == set(official)
-    _assert_same_state(written["student"], official["student"])
-    _assert_same_state(written["teacher"], official["teacher"])
-    _assert_same_state(written["dino_loss"], official["dino_loss"])
-    assert written["args"]["gamma"] == 1.25 and written["args"]["patch_size"] == 8
+    for network in ("student", "teacher", "dino_loss"):
+        _assert_same_state(written[network], official[network])
+    assert written["args"]["mode"] == mode and written["args"]["gamma"] == (gamma if mode == "simpool" else None)
+
+
+def test_dino_vit_simpool_position_embedding_is_resampled_once_at_import(tmp_path: Path) -> None:
+    """The fork's SimPool-mode forward resamples its table at every forward; the imported table is that resampling."""
+    official, _, teacher = _official_dino("vit-simpool")
+    torch.save(official, tmp_path / "checkpoint.pth")
+    model = _load_dino_kind(tmp_path / "checkpoint.pth", "vit-simpool")
+    stored = official["teacher"]["backbone.pos_embed"]
+    imported = model.teacher.backbone.model.pos_embed.detach().clone()
+    x = _images()
+    with torch.no_grad():
+        # the reference adds exactly the imported table at the training resolution
+        tokens = teacher.backbone.patch_embed(x)
+        torch.testing.assert_close(teacher.backbone.interpolate_pos_encoding(tokens, 32, 32), imported, atol=0, rtol=0)
+        assert not torch.equal(imported, stored)
+        # the table as stored would not give the authors' features
+        as_stored = OfficialViT("simpool", 1.25, **VIT_SIZES)
+        as_stored.load_state_dict({k[len("backbone.") :]: v for k, v in official["teacher"].items() if k.startswith("backbone.")})
+        model.teacher.backbone.model.pos_embed.copy_(stored)
+        assert (model.features(x) - teacher.backbone(x)).abs().max() > 1e-4
+
+    # a trained table (no longer the import's) exports as the solve: the fork's forward resamples it back
+    with torch.no_grad():
+        model.teacher.backbone.model.pos_embed.copy_(imported + 0.01)
+    with pytest.warns(UserWarning, match="DINOHead"):
+        export_official(model, tmp_path / "trained.pth")
+    reread = torch.load(tmp_path / "trained.pth", weights_only=True)["teacher"]["backbone.pos_embed"]
+    as_stored.pos_embed.data.copy_(reread)
+    with torch.no_grad():
+        resampled = as_stored.interpolate_pos_encoding(as_stored.patch_embed(x), 32, 32)
+    torch.testing.assert_close(resampled, imported + 0.01, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["vit-simpool", "resnet50-simpool", "convnext_small-simpool", "convnext_small-official"])
+def test_dino_backbone_only_files_give_the_full_checkpoints_features(kind: str, tmp_path: Path) -> None:
+    family, arch, mode, gamma, sizes, backbone_kwargs, size = DINO_KINDS[kind]
+    official, _, _ = _official_dino(kind)
+    torch.save(official, tmp_path / "checkpoint.pth")
+    full = _load_dino_kind(tmp_path / "checkpoint.pth", kind)
+    teacher = {k.removeprefix("module."): v for k, v in official["teacher"].items()}
+    backbone = {k[len("backbone.") :]: v for k, v in teacher.items() if k.startswith("backbone.")}
+    # DINO's *_pretrain.pth: the teacher's backbone alone, no args; and a teacher stripped of its head
+    torch.save(backbone, tmp_path / "pretrain.pth")
+    torch.save({"teacher": {"module.backbone." + k: v for k, v in backbone.items()}}, tmp_path / "stripped.pth")
+    told = dict(backbone=timm_name_of(arch))
+    if mode == "simpool":
+        told["pool_kwargs"] = {"gamma": gamma}
+    x = _images(size=size)
+    with torch.no_grad():
+        expected = full.features(x)
+        for name in ("pretrain.pth", "stripped.pth"):
+            cut = _load_dino_kind(tmp_path / name, kind, **told)
+            torch.testing.assert_close(cut.features(x), expected, atol=0, rtol=0)
+            torch.testing.assert_close(cut.student.backbone(x), expected, atol=0, rtol=0)
+
+        # fine-tuning and evaluation start from the same file through pretrained_path
+        pool_kwargs = {"gamma": gamma, "use_beta": family == "vit", **BATCH_MIN} if mode == "simpool" else None
+        placement = "before_norm" if family == "vit" and mode == "simpool" else "after_norm"
+        pool = "simpool" if mode == "simpool" else "avg"
+        model_kwargs = {"vit": VIT_KWARGS, "resnet": RESNET50_SIZES, "convnext": CONVNEXT_S_SIZES}[family]
+        tuned = PooledBackbone(
+            timm_name_of(arch), pool, pool_kwargs, placement, pretrained_path=str(tmp_path / "pretrain.pth"), **model_kwargs
+        ).eval()
+        torch.testing.assert_close(tuned(x), expected, atol=0, rtol=0)
+
+
+def timm_name_of(arch: str) -> str:
+    """timm's name for the fork's --arch (its ViTs are vit_<size> with the patch size from the weights)."""
+    return VIT if arch.startswith("vit") else arch
+
+
+# The builder tests/weights and tests/models share: a SimPool-mode DINO ViT network of the fork.
+def _official_dino_vit(seed: int) -> tuple[dict[str, Tensor], Any, Any]:
+    """``(network state, features, forward)`` of the fork's SimPool-mode ViT (gamma 1.25) with its DINOHead."""
+    student, _ = main_dino_networks("vit", "simpool", 1.25, DINO_HEAD, **VIT_SIZES)
+    _perturb(student, seed)
+    return dict(student.state_dict()), student.backbone, student
 
 
 def test_dino_export_refuses_an_inexpressible_pool(tmp_path: Path) -> None:
     model = DINO(VIT, VIT_KWARGS, pool="simpool", pool_kwargs={"gamma": 1.25}, out_dim=8, head_hidden_dim=8, head_bottleneck_dim=8)
     with pytest.raises(ValueError, match="use_beta"):  # the official DINO ViT adds beta whenever it has a gamma
+        export_official(model, tmp_path / "x.pth")
+    model = DINO("resnet18", pool="gem", out_dim=8, head_hidden_dim=8, head_bottleneck_dim=8)
+    with pytest.raises(ValueError, match="'simpool' or 'avg'"):
         export_official(model, tmp_path / "x.pth")

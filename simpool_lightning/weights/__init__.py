@@ -3,6 +3,8 @@
 - :mod:`.io`: reading a file (``torch.load`` with ``weights_only``, safetensors).
 - :mod:`.official`: the authors' supervised and DINO layouts, renamed both ways, and what their
   keys and args tell of the architecture.
+- :mod:`.pos_embed`: the DINO fork's SimPool-mode ViT resamples its position embedding at every
+  forward; the import does it once.
 - :mod:`.pretrained`: what ``pretrained_path`` accepts (our Lightning checkpoints, official files,
   plain timm files) as a backbone state under ``PooledBackbone``'s names.
 - :mod:`.errors`: the one :class:`WeightsMismatchError` for keys or shapes that do not fit.

@@ -1,6 +1,13 @@
-"""Reading a weights file onto the CPU: ``.safetensors``, or anything ``torch.load`` reads."""
+"""Reading a weights file onto the CPU: ``.safetensors``, or anything ``torch.load`` reads.
+
+``weights_only=True`` unpickles tensors, plain containers and :data:`SAFE_GLOBALS`: the authors'
+checkpoints (timm's ``CheckpointSaver`` and DINO's ``main_dino.py``) store their training args as an
+``argparse.Namespace``, a plain attribute bag whose unpickling runs no code of the file's choosing,
+so official files read with the default. Any other class is refused, with the opt-out named.
+"""
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 from typing import Any, Mapping, Union
@@ -9,9 +16,12 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
-__all__ = ["StateDict", "read_file", "strip_prefix"]
+__all__ = ["SAFE_GLOBALS", "StateDict", "read_file", "strip_prefix"]
 
 StateDict = dict[str, Tensor]
+
+# Classes weights_only=True may rebuild beyond torch's own allow-list.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 def read_file(path: Union[str, os.PathLike], weights_only: bool, what: str, opt_out: str) -> Any:
@@ -19,7 +29,8 @@ def read_file(path: Union[str, os.PathLike], weights_only: bool, what: str, opt_
 
     Args:
         path: the file.
-        weights_only: refuse to unpickle anything but tensors and plain containers.
+        weights_only: refuse to unpickle anything but tensors, plain containers and
+            :data:`SAFE_GLOBALS` (``argparse.Namespace``).
         what: how errors name the file (``"pretrained_path 'x.pth'"``).
         opt_out: how the caller turns ``weights_only`` off, for the refusal's message.
 
@@ -32,14 +43,15 @@ def read_file(path: Union[str, os.PathLike], weights_only: bool, what: str, opt_
     if path.endswith(".safetensors"):  # tensors only, nothing to unpickle
         return load_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if not weights_only:
             raise
         raise pickle.UnpicklingError(
-            f"{what} holds more than tensors and plain containers (official SimPool checkpoints store their "
-            f"training args as an argparse.Namespace), which weights_only=True refuses to unpickle. Unpickling "
-            f"can run arbitrary code: only if you trust this file, {opt_out}. torch said: {str(err).splitlines()[0]}"
+            f"{what} holds objects other than tensors, plain containers and argparse.Namespace, which "
+            f"weights_only=True refuses to unpickle. Unpickling can run arbitrary code: only if you trust this "
+            f"file, {opt_out}. torch said: {str(err).splitlines()[0]}"
         ) from err
 
 

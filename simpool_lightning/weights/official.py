@@ -1,7 +1,8 @@
 """Official SimPool checkpoints (the authors' repository, billpsomas/simpool) under our names.
 
-Each official layout maps name by name onto our modules; no tensor is reshaped or converted.
-Everything here is a pure function on dicts: reading a file never builds a model.
+Each official layout maps name by name onto our modules; no tensor is reshaped or converted,
+except the DINO fork's SimPool-mode ViT position embedding, resampled once as its forward does
+(:mod:`.pos_embed`). Everything here is a pure function on dicts: reading a file never builds a model.
 
 ``supervised``: the authors' timm fork (``supervised/train.py``). timm's ``CheckpointSaver``
 writes a ``.pth.tar`` dict with ``state_dict`` (and ``state_dict_ema`` with ``--model-ema``),
@@ -20,17 +21,31 @@ the SimPool prefix; ``head.1.*`` <-> the classifier (``head.0`` is the dropout).
 ``timm``: a bare timm state dict (``.pth`` or ``.safetensors``) with the same names: the
 default-pooling baselines, a ViT's [CLS] token (``pool="token"``) or a CNN's average (``"avg"``).
 
-``dino``: the authors' DINO fork (``self_supervised/main_dino.py``), ViT only: a dict with
-``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` and ``dino_loss`` (the center).
-Student keys are ``module.backbone.*`` / ``module.head.*`` (DDP); the teacher carries ``module.``
-only when the network has batch norms (only then does main_dino wrap it in DDP). The ViT
-(``vision_transformer.py``, mode ``simpool``) has no ``cls_token`` and pools the tokens with
-``backbone.simpool.*`` (``use_beta=True``) before ``backbone.norm``; the head is DINOHead with
-the old ``nn.utils.weight_norm`` (``head.last_layer.weight_g`` / ``weight_v``). Ours: DINO's
-``student`` / ``teacher`` (MultiCropNet) with ``backbone.model.*`` <-> ``backbone.*``,
-``backbone.pool.*`` <-> ``backbone.simpool.*``, ``backbone.final_norm.*`` <-> ``backbone.norm.*``,
-``head.last_layer.parametrizations.weight.original0/1`` <-> ``head.last_layer.weight_g/v``, and
-``criterion.center`` <-> ``dino_loss.center``.
+``dino``: the authors' DINO fork (``self_supervised/main_dino.py``, read at commit fac2263): a
+dict with ``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` (an ``argparse.Namespace``)
+and ``dino_loss`` (the center). Student keys are ``module.backbone.*`` / ``module.head.*`` (DDP);
+the teacher carries ``module.`` only when the network has batch norms (only then does main_dino
+wrap it in DDP: the ResNet with its BatchNorm, or any network with ``--use_bn_in_head``). The
+head is DINOHead with the old ``nn.utils.weight_norm`` (``head.last_layer.weight_g`` /
+``weight_v``; ours ``head.last_layer.parametrizations.weight.original0/1``); MultiCropWrapper
+replaced the backbone's ``fc`` / ``head`` by ``nn.Identity()``, so neither is saved. Backbones,
+``--mode simpool`` or ``official``:
+
+- ViT (``vision_transformer.py``): timm's names. SimPool mode: no ``cls_token``; the tokens are
+  pooled by ``backbone.simpool.*`` (``use_beta=True``: a ``beta`` with a gamma) before
+  ``backbone.norm``, and the position embedding is resampled at every forward
+  (:mod:`.pos_embed`: the import resamples it once). Official mode: ``norm(x)[:, 0]``.
+- ResNet-50 (``resnet.py``, torchvision's names, which are timm's): ``backbone.simpool.*`` (no
+  beta) on the last map, or the average.
+- ConvNeXt (``convnext.py``, the ConvNeXt repo's names: ``downsample_layers.i.j``, ``stages.i.j``,
+  ``dwconv``, ``pwconv1/2``, renamed by timm's own ``checkpoint_filter_fn``): ``backbone.norm``
+  after the pool in both modes, ``norm(simpool(x))`` or ``norm(x.mean((-2, -1)))``.
+
+Ours: DINO's ``student`` / ``teacher`` (MultiCropNet) with ``backbone.model.*`` <-> ``backbone.*``,
+``backbone.pool.*`` <-> ``backbone.simpool.*``, ``backbone.final_norm.*`` <-> ``backbone.norm.*``
+(SimPool-mode ViT, ConvNeXt), and ``criterion.center`` <-> ``dino_loss.center``. A file with one
+network, or a bare backbone (DINO's ``*_pretrain.pth``, a stripped teacher), reads as that
+network, with or without its head (:func:`dino_network_of_bare`).
 
 Official SimPool hyper-parameters live in code, not in the weights: ``gamma`` (a constructor
 argument; ``--gamma`` of the training scripts), one head, no ``qkv_bias``, and the minimum of
@@ -43,11 +58,14 @@ import argparse
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Iterable, Literal, Mapping, Optional
 
+import torch
+from timm.models.convnext import checkpoint_filter_fn as convnext_checkpoint_filter
 from torch import Tensor
 
 from .io import StateDict, strip_prefix
+from .pos_embed import simpool_forward_table, simpool_stored_table
 
 __all__ = [
     "DINO_ARGS",
@@ -61,8 +79,13 @@ __all__ = [
     "classifier_kwargs",
     "classifier_rules",
     "detect_kind",
+    "dino_family",
+    "dino_from_official",
     "dino_kwargs",
+    "dino_network_of_bare",
+    "dino_official_names",
     "dino_rules",
+    "dino_to_official",
     "family_of_keys",
     "from_official",
     "parse_official",
@@ -127,11 +150,17 @@ def classifier_rules(family: str) -> Rules:
     return SUPERVISED_LAYOUTS[family].rules()
 
 
-def dino_rules(simpool: bool) -> Rules:
-    """Rules between DINO's ``MultiCropNet`` and the DINO fork's ViT (mode ``simpool`` or ``official``)."""
-    backbone: Rules = (
-        (("backbone.pool.", "backbone.simpool."), ("backbone.final_norm.", "backbone.norm.")) if simpool else ()
-    )
+def dino_rules(simpool: bool, family: str = "vit") -> Rules:
+    """Rules between DINO's ``MultiCropNet`` and a network of the DINO fork (mode ``simpool`` or ``official``).
+
+    ``family``: ``"vit"``, ``"resnet"`` or ``"convnext"``. The final norm that follows the pool is
+    ``backbone.norm`` for the SimPool-mode ViT and for ConvNeXt in both modes (ours:
+    ``backbone.final_norm``); the official-mode ViT keeps it inside the timm model. ConvNeXt's own
+    names differ from timm's beyond these prefixes: :func:`dino_official_names` renames them.
+    """
+    backbone: Rules = (("backbone.pool.", "backbone.simpool."),) if simpool else ()
+    if family == "convnext" or (family == "vit" and simpool):
+        backbone += (("backbone.final_norm.", "backbone.norm."),)
     return (
         *backbone,
         ("backbone.model.", "backbone."),
@@ -142,18 +171,174 @@ def dino_rules(simpool: bool) -> Rules:
     )
 
 
+# ---------------------------------------------------------------------- the DINO fork's ConvNeXt names
+
+# The DINO fork's convnext.py keeps the ConvNeXt repo's names (downsample_layers.i.j, stages.i.j,
+# dwconv, pwconv1/2); timm's checkpoint_filter_fn renames them to timm's. Written out here is only
+# the way back, for export, and every use of it is checked against timm's filter.
+_CONVNEXT_REPO_NAMES = (
+    (r"^stem\.", "downsample_layers.0."),
+    (r"^stages\.(\d+)\.downsample\.(\d+)\.", r"downsample_layers.\1.\2."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"\.conv_dw\.", ".dwconv."),
+    (r"\.mlp\.fc(\d)\.", r".pwconv\1."),
+)
+
+
+def convnext_timm_names(keys: Iterable[str]) -> dict[str, str]:
+    """ConvNeXt repo name -> timm name for each of ``keys``, as ``timm.models.convnext.checkpoint_filter_fn`` renames.
+
+    The filter also reshapes 2-d weights to a model's shapes; handed one-element tags instead of
+    tensors it renames only (and needs no model), and the tags tell which name became which.
+    """
+    keys = list(keys)
+    tags = {k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
+    renamed = convnext_checkpoint_filter(tags, None)
+    if len(renamed) != len(keys):
+        raise ValueError(f"timm's ConvNeXt filter does not rename these keys one to one: {keys[:8]} ...")
+    return {keys[int(tag.item())]: new for new, tag in renamed.items()}
+
+
+def _convnext_repo_names(keys: Iterable[str]) -> dict[str, str]:
+    """timm name -> ConvNeXt repo name; the inverse of :func:`convnext_timm_names`, checked against it."""
+    out = {}
+    for key in keys:
+        name = key
+        for pattern, repl in _CONVNEXT_REPO_NAMES:
+            name = re.sub(pattern, repl, name)
+        out[key] = name
+    back = convnext_timm_names(out.values())
+    wrong = [k for k, v in out.items() if back[v] != k]
+    if wrong:
+        raise ValueError(f"timm ConvNeXt parameters with no name in the DINO fork's convnext.py: {wrong[:8]}")
+    return out
+
+
+# ---------------------------------------------------------------------- DINO networks both ways
+
+
+def dino_family(network: Mapping[str, Tensor]) -> str:
+    """``"vit"``, ``"resnet"`` or ``"convnext"`` from a DINO fork network's keys (``backbone.*``)."""
+    if "backbone.patch_embed.proj.weight" in network:
+        return "vit"
+    if any(k.startswith("backbone.layer1.") for k in network) and any(k.startswith("backbone.layer4.") for k in network):
+        return "resnet"
+    if "backbone.downsample_layers.0.0.weight" in network:
+        return "convnext"
+    raise ValueError(
+        "cannot tell the DINO fork's architecture from the keys: expected backbone.patch_embed.proj.weight (ViT), "
+        f"backbone.layer1.* .. layer4.* (ResNet) or backbone.downsample_layers.0.0.weight (ConvNeXt); first keys: "
+        f"{list(network)[:8]}"
+    )
+
+
+def _quirk(family: str, simpool: bool) -> bool:
+    """Whether the fork's forward resamples the position embedding at its training resolution (weights.pos_embed)."""
+    return family == "vit" and simpool
+
+
+def _convnext_inner(key: str) -> bool:
+    """A key of the ConvNeXt proper (not its SimPool, final norm or the DINO head), under the fork's ``backbone.``."""
+    return key.startswith("backbone.") and not key.startswith(("backbone.simpool.", "backbone.norm."))
+
+
+def dino_official_names(keys: Iterable[str], family: str, simpool: bool) -> dict[str, str]:
+    """Our ``MultiCropNet`` key -> the DINO fork's key, for each of ``keys`` (names only)."""
+    keys = list(keys)
+    names = {k: _rename(k, dino_rules(simpool, family), 0) for k in keys}
+    if family == "convnext":
+        inner = [v for v in names.values() if _convnext_inner(v)]
+        repo = _convnext_repo_names(v[len("backbone.") :] for v in inner)
+        names = {k: "backbone." + repo[v[len("backbone.") :]] if _convnext_inner(v) else v for k, v in names.items()}
+    return names
+
+
+def dino_from_official(network: Mapping[str, Tensor], family: str, simpool: bool) -> StateDict:
+    """A DINO fork network (``backbone.*``, ``head.*`` or the backbone alone) under our ``MultiCropNet`` names.
+
+    ConvNeXt's names go through timm's filter; the SimPool-mode ViT's position embedding is
+    resampled once as the fork's forward resamples it (:mod:`.pos_embed`). Every other tensor is
+    passed on as it is.
+    """
+    network = dict(network)
+    if family == "convnext":
+        timm_names = convnext_timm_names(k[len("backbone.") :] for k in network if _convnext_inner(k))
+        network = {"backbone." + timm_names[k[len("backbone.") :]] if _convnext_inner(k) else k: v for k, v in network.items()}
+    ours = from_official(network, dino_rules(simpool, family))
+    if _quirk(family, simpool) and "backbone.model.pos_embed" in ours:
+        ours["backbone.model.pos_embed"] = simpool_forward_table(ours["backbone.model.pos_embed"])
+    return ours
+
+
+def dino_to_official(
+    state: Mapping[str, Tensor], family: str, simpool: bool, stored_pos_embed: Optional[Tensor] = None
+) -> StateDict:
+    """Our ``MultiCropNet`` state -> the DINO fork's names and values; the inverse of :func:`dino_from_official`.
+
+    ``stored_pos_embed``: the SimPool-mode ViT's table as the file stored it, where the model was
+    imported: it is written back unchanged while the model's table is still its resampling, so an
+    import exports bit for bit. Otherwise the table is the solve of :func:`~.pos_embed.simpool_stored_table`.
+    """
+    names = dino_official_names(state, family, simpool)
+    official = {names[k]: v.detach().cpu() for k, v in state.items()}
+    if _quirk(family, simpool) and "backbone.pos_embed" in official:
+        table = official["backbone.pos_embed"]
+        if stored_pos_embed is not None and torch.equal(simpool_forward_table(stored_pos_embed.cpu()), table):
+            official["backbone.pos_embed"] = stored_pos_embed.detach().cpu()
+        else:
+            official["backbone.pos_embed"] = simpool_stored_table(table)
+    return official
+
+
 # ---------------------------------------------------------------------- what a file holds
 
 
 def detect_kind(checkpoint: Any) -> str:
-    """``"dino"``, ``"supervised"`` or ``"timm"`` from a checkpoint's entries."""
+    """``"dino"``, ``"supervised"`` or ``"timm"`` from a checkpoint's entries.
+
+    A bare state dict is ``"dino"`` when :func:`dino_network_of_bare` reads it as a DINO fork
+    network or backbone (DINO's ``*_pretrain.pth``, a stripped teacher), else ``"timm"``.
+    """
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"expected a checkpoint dict, got {type(checkpoint).__name__}")
     if "student" in checkpoint or "teacher" in checkpoint:
         return "dino"
     if "state_dict" in checkpoint or "state_dict_ema" in checkpoint:
         return "supervised"
-    return "timm"
+    return "dino" if dino_network_of_bare(checkpoint) is not None else "timm"
+
+
+_CLASSIFIERS = {"vit": "head.weight", "resnet": "fc.weight"}
+
+
+def dino_network_of_bare(state: Mapping[str, Any], headless_timm: bool = True) -> Optional[StateDict]:
+    """A bare state dict read as one DINO fork network (``backbone.*``, maybe ``head.*``), or ``None``.
+
+    Recognised, once DDP's ``module.`` is dropped:
+
+    - a network as saved: every key under ``backbone.`` or ``head.`` (a stripped student or teacher,
+      with or without its head);
+    - a backbone alone in names timm does not use: SimPool at ``simpool.*``, or the ConvNeXt repo's
+      ``downsample_layers.*`` (DINO's ``*_pretrain.pth`` release format, SimPool or ConvNeXt);
+    - with ``headless_timm``, a ViT or ResNet in timm's names without a classifier (DINO's
+      official-mode ``*_pretrain.pth``); ``pretrained_path`` reads those as plain timm files.
+    """
+    if not state or not all(isinstance(v, Tensor) for v in state.values()):
+        return None
+    state = strip_prefix(state, "module.")
+    if all(k.startswith(("backbone.", "head.")) for k in state):
+        return dict(state) if any(k.startswith("backbone.") for k in state) else None
+    network = {"backbone." + k: v for k, v in state.items()}
+    if any(k.startswith(("simpool.", "downsample_layers.")) for k in state):
+        return network
+    if headless_timm:
+        try:
+            family = family_of_keys(state)
+        except ValueError:
+            return None
+        if family in _CLASSIFIERS and _CLASSIFIERS[family] not in state:
+            return network
+    return None
 
 
 def family_of_keys(state: Mapping[str, Tensor]) -> str:
@@ -201,7 +386,9 @@ class OfficialCheckpoint:
         args: the recorded training args (empty when the file has none).
         state: supervised / timm: the model's ``state_dict`` (``None`` when the file holds only an EMA).
         ema_state: supervised: ``state_dict_ema``, where present.
-        student, teacher: DINO: the two networks, ``module.`` dropped.
+        student, teacher: DINO: the two networks (``backbone.*``, ``head.*``), ``module.`` dropped.
+            A file with one network (a teacher, a backbone alone: DINO's ``*_pretrain.pth``) has it
+            as ``teacher`` and no ``student``; the head may be absent.
         center: DINO: the loss's center, where saved.
     """
 
@@ -229,14 +416,15 @@ def parse_official(checkpoint: Any, kind: Optional[str] = None) -> OfficialCheck
         raise ValueError(f"kind={kind!r}, but the file looks like a {detected!r} checkpoint (entries: {list(checkpoint)[:10]})")
     args = _args_dict(checkpoint)
     if kind == "dino":
-        missing = [k for k in ("student", "teacher") if k not in checkpoint]
-        if missing:
-            raise ValueError(f"a DINO checkpoint needs 'student' and 'teacher'; missing {missing}")
         center = (checkpoint.get("dino_loss") or {}).get("center")
-        return OfficialCheckpoint(
-            kind, args, student=strip_prefix(checkpoint["student"], "module."),
-            teacher=strip_prefix(checkpoint["teacher"], "module."), center=center,
-        )
+        student, teacher = checkpoint.get("student"), checkpoint.get("teacher")
+        if student is None and teacher is None:  # a bare network or backbone
+            teacher = dino_network_of_bare(checkpoint)
+            if teacher is None:
+                raise ValueError(f"not a DINO fork network or backbone; first keys: {list(checkpoint)[:8]}")
+        student = None if student is None else strip_prefix(student, "module.")
+        teacher = student if teacher is None else strip_prefix(teacher, "module.")
+        return OfficialCheckpoint(kind, args, student=student, teacher=teacher, center=center)
     state, ema_state = _supervised_states(checkpoint)
     return OfficialCheckpoint(kind, args, state=state, ema_state=ema_state)
 
@@ -325,33 +513,72 @@ _OFFICIAL_DINO_VITS = ("vit_tiny", "vit_small", "vit_base")  # self_supervised/v
 OFFICIAL_DINO_HEAD = dict(head_layers=3, head_hidden_dim=2048, head_bottleneck_dim=256)  # main_dino: DINOHead defaults
 
 
-def dino_kwargs(student: Mapping[str, Tensor], args: Mapping[str, Any], model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``DINO`` kwargs for an official DINO student (official names), as :func:`classifier_kwargs` does."""
-    if "backbone.patch_embed.proj.weight" not in student:
-        raise NotImplementedError(
-            "only the official DINO ViT maps onto timm: the DINO fork's ResNet-50 and ConvNeXt use torchvision's and "
-            "the ConvNeXt paper's parameter names"
-        )
-    backbone = {k[len("backbone.") :]: v for k, v in student.items() if k.startswith("backbone.")}
+def _resnet_kwargs(backbone: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Blocks per stage (``layer<i>.<j>.*``) and, for bottlenecks, the width per group of a torchvision / timm ResNet."""
+    counts = [1 + max((int(m.group(1)) for k in backbone if (m := re.match(rf"layer{i}\.(\d+)\.", k))), default=-1) for i in range(1, 5)]
+    out: dict[str, Any] = {"layers": tuple(counts)}
+    if "layer1.0.conv3.weight" in backbone:  # a bottleneck's inner width in layer1 (64 planes) is base_width
+        out["base_width"] = backbone["layer1.0.conv1.weight"].shape[0]
+    return out
+
+
+def _convnext_kwargs(backbone: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``depths`` and ``dims`` of a ConvNeXt in the ConvNeXt repo's names."""
+    depths = [1 + max((int(m.group(1)) for k in backbone if (m := re.match(rf"stages\.{i}\.(\d+)\.", k))), default=-1) for i in range(4)]
+    dims = [backbone["downsample_layers.0.0.weight"].shape[0]]
+    dims += [backbone[f"downsample_layers.{i}.1.weight"].shape[0] for i in range(1, 4) if f"downsample_layers.{i}.1.weight" in backbone]
+    return {"depths": tuple(depths), "dims": tuple(dims)}
+
+
+def dino_kwargs(network: Mapping[str, Tensor], args: Mapping[str, Any], model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``DINO`` kwargs for a DINO fork network (official names), as :func:`classifier_kwargs` does.
+
+    ``network``: the student, or the one network of a teacher-only or backbone-only file. The
+    architecture comes from ``backbone`` (the timm name; else the args' ``arch``: the fork's
+    ``vit_small`` is timm's ``vit_small_patch16_224``, ``resnet50`` and ``convnext_small`` are
+    timm's names) and the sizes from the weights (a ViT's widths, a ResNet's ``layers``, a
+    ConvNeXt's ``depths`` and ``dims``). Pool: ``simpool`` where SimPool keys exist, else the
+    official mode's ``token`` (ViT) or ``avg`` (CNNs); the SimPool-mode ViT pools before its norm.
+    The head's sizes come from its weights; without a head (a backbone alone) DINO's defaults or
+    ``model_kwargs`` build a fresh one. Stochastic depth as main_dino sets it: none in its ResNet,
+    0.4 in its ConvNeXt (hard-coded there), ``args.drop_path_rate`` in its ViT.
+
+    The fork's SimPool-mode ViT teacher is built without ``gamma`` (``vits.__dict__[arch](mode,
+    patch_size)``), so during training it ran with the default 1.25 whatever ``--gamma`` said; its
+    eval scripts pass ``--gamma``. Here both networks take the args' (or the caller's) gamma, as
+    the eval scripts do: the same for the released ViT-S (trained with 1.25).
+    """
+    family = dino_family(network)
+    backbone = {k[len("backbone.") :]: v for k, v in network.items() if k.startswith("backbone.")}
     kwargs = dict(model_kwargs)
     arch = args.get("arch")
-    # The fork names its ViTs vit_tiny/small/base; the patch size comes from the weights.
-    kwargs["backbone"] = _backbone_name(kwargs, f"{arch}_patch16_224" if arch in _OFFICIAL_DINO_VITS else arch, "vit")
-    kwargs["backbone_kwargs"] = {**_vit_kwargs(backbone), **(kwargs.get("backbone_kwargs") or {})}
-    kwargs.setdefault("pool", "simpool" if any(k.startswith("simpool.") for k in backbone) else TOKEN_POOL)
+    given = kwargs.get("backbone_kwargs") or {}
+    if family == "vit":
+        # The fork names its ViTs vit_tiny/small/base; the patch size comes from the weights.
+        kwargs["backbone"] = _backbone_name(kwargs, f"{arch}_patch16_224" if arch in _OFFICIAL_DINO_VITS else arch, family)
+        kwargs["backbone_kwargs"] = {**_vit_kwargs(backbone), **given}
+    else:
+        kwargs["backbone"] = _backbone_name(kwargs, arch, family)
+        sizes = _resnet_kwargs(backbone) if family == "resnet" else _convnext_kwargs(backbone)
+        kwargs["backbone_kwargs"] = {**sizes, **given}
+        kwargs.setdefault("drop_path_rate", 0.0 if family == "resnet" else 0.4)
+    simpool = any(k.startswith("simpool.") for k in backbone)
+    kwargs.setdefault("pool", "simpool" if simpool else (TOKEN_POOL if family == "vit" else "avg"))
     if kwargs["pool"] == "simpool":
         kwargs["pool_kwargs"] = _simpool_kwargs(backbone, "simpool.", kwargs.get("pool_kwargs"), args)
-        kwargs.setdefault("placement", "before_norm")  # forward(): x = self.simpool(x); return self.norm(x)
+        if family == "vit":
+            kwargs.setdefault("placement", "before_norm")  # forward(): x = self.simpool(x); return self.norm(x)
 
-    linears = [v for k, v in student.items() if re.fullmatch(r"head\.mlp\.\d+\.weight", k) and v.dim() == 2]
-    last = student.get("head.last_layer.weight_v")  # (out_dim, bottleneck)
-    if last is None or not linears:
-        raise ValueError("no DINO head in the student (head.mlp.*, head.last_layer.weight_v)")
-    kwargs.setdefault("out_dim", last.shape[0])
-    kwargs.setdefault("head_bottleneck_dim", last.shape[1])
-    kwargs.setdefault("head_layers", len(linears))
-    kwargs.setdefault("head_hidden_dim", linears[0].shape[0] if len(linears) > 1 else last.shape[1])
-    kwargs.setdefault("use_bn_in_head", any(k.startswith("head.mlp.") and k.endswith("running_mean") for k in student))
+    linears = [v for k, v in network.items() if re.fullmatch(r"head\.mlp\.\d+\.weight", k) and v.dim() == 2]
+    last = network.get("head.last_layer.weight_v")  # (out_dim, bottleneck)
+    if last is not None and linears:
+        kwargs.setdefault("out_dim", last.shape[0])
+        kwargs.setdefault("head_bottleneck_dim", last.shape[1])
+        kwargs.setdefault("head_layers", len(linears))
+        kwargs.setdefault("head_hidden_dim", linears[0].shape[0] if len(linears) > 1 else last.shape[1])
+        kwargs.setdefault("use_bn_in_head", any(k.startswith("head.mlp.") and k.endswith("running_mean") for k in network))
+    elif any(k.startswith("head.") for k in network):
+        raise ValueError("the DINO head is incomplete: expected head.mlp.<i>.weight and head.last_layer.weight_v")
     for name in DINO_ARGS:
         if name in args:
             kwargs.setdefault(name, args[name])

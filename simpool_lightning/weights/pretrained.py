@@ -3,8 +3,9 @@
 - a Lightning checkpoint of ``ImageClassifier`` (its ``net.backbone``) or of ``DINO`` (its
   teacher's backbone, as DINO's evaluations take it);
 - an official SimPool checkpoint (the authors' timm fork's ``.pth.tar`` with ``state_dict``, or
-  their DINO fork's ``student`` / ``teacher`` file: the teacher), renamed by
-  :mod:`simpool_lightning.weights.official`;
+  their DINO fork's ``student`` / ``teacher`` file: the teacher's backbone; or that backbone alone,
+  DINO's ``*_pretrain.pth`` format), renamed by :mod:`simpool_lightning.weights.official`, with the
+  SimPool-mode ViT's position embedding resampled as the fork's forward does (:mod:`.pos_embed`);
 - a plain timm state dict (``.pth`` / ``.safetensors``, optionally under ``model``): the timm
   model's own names; the pool starts fresh.
 
@@ -19,7 +20,16 @@ from typing import Any, Mapping, Union
 from torch import Tensor
 
 from .io import StateDict, read_file, strip_prefix
-from .official import TOKEN_POOL, classifier_rules, dino_rules, family_of_keys, from_official, parse_official
+from .official import (
+    TOKEN_POOL,
+    classifier_rules,
+    dino_family,
+    dino_from_official,
+    dino_network_of_bare,
+    family_of_keys,
+    from_official,
+    parse_official,
+)
 
 __all__ = ["PretrainedWeights", "read_pretrained"]
 
@@ -70,16 +80,12 @@ def _from_lightning(checkpoint: Mapping[str, Any], path: str) -> PretrainedWeigh
 def _from_official(checkpoint: Mapping[str, Any], path: str) -> PretrainedWeights:
     parsed = parse_official(checkpoint)
     if parsed.kind == "dino":
-        teacher = parsed.teacher
-        if "backbone.patch_embed.proj.weight" not in teacher:
-            raise NotImplementedError(
-                "only the official DINO ViT maps onto timm: the DINO fork's ResNet-50 and ConvNeXt use torchvision's "
-                "and the ConvNeXt paper's parameter names"
-            )
+        teacher = {k: v for k, v in parsed.teacher.items() if k.startswith("backbone.")}
+        family = dino_family(teacher)
         simpool = any(k.startswith("backbone.simpool.") for k in teacher)
-        ours = from_official(teacher, dino_rules(simpool))
-        recorded: dict[str, Any] = {"pool": "simpool" if simpool else TOKEN_POOL}
-        if simpool:
+        ours = dino_from_official(teacher, family, simpool)
+        recorded: dict[str, Any] = {"pool": "simpool" if simpool else (TOKEN_POOL if family == "vit" else "avg")}
+        if simpool and family == "vit":
             recorded["placement"] = "before_norm"
     else:
         if parsed.state is None:
@@ -122,7 +128,12 @@ def read_pretrained(path: Union[str, os.PathLike], weights_only: bool, opt_out: 
     checkpoint = read_file(path, weights_only, f"pretrained_path {path!r}", opt_out)
     if isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint:
         return _from_lightning(checkpoint, path)
-    if isinstance(checkpoint, Mapping) and any(k in checkpoint for k in _OFFICIAL_ENTRIES):
+    # DINO's *_pretrain.pth: a backbone alone, official when its names are the fork's own (SimPool,
+    # ConvNeXt); a ViT or ResNet in timm's names reads as a plain timm file, whose pool may start fresh.
+    official = isinstance(checkpoint, Mapping) and (
+        any(k in checkpoint for k in _OFFICIAL_ENTRIES) or dino_network_of_bare(checkpoint, headless_timm=False) is not None
+    )
+    if official:
         try:
             return _from_official(checkpoint, path)
         except (ValueError, NotImplementedError) as err:

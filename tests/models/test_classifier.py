@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from simpool_lightning.data import SyntheticShapesDataModule
 from simpool_lightning.models import DINO, ImageClassifier, PooledBackbone
 from simpool_lightning.models.backbone import WeightsMismatchError
 from simpool_lightning.pooling import list_pools
+from simpool_lightning.weights.pos_embed import simpool_forward_table
 from tests.isolated import run_isolated
 from tests.trainers import trainer
 
@@ -139,19 +139,19 @@ def test_pretrained_path_from_official_checkpoints(tmp_path):
         assert torch.equal(value, state[official]), name
     assert tuned.net.head[1].weight.shape == (3, 64)
 
-    # The DINO fork's file: official args (a Namespace) need the opt-out; the teacher is taken.
+    # The DINO fork's file: its args (an argparse.Namespace) read with weights_only=True; the teacher is taken.
     student, _, _ = _official_dino_vit(seed=0)
     teacher, _, _ = _official_dino_vit(seed=10)
     args = argparse.Namespace(arch="vit_tiny", mode="simpool", gamma=1.25, patch_size=8, out_dim=32, use_bn_in_head=False)
     path = tmp_path / "checkpoint.pth"
     torch.save({"student": {"module." + k: v for k, v in student.items()}, "teacher": teacher, "args": args}, path)
     kwargs = dict(pool="simpool", placement="before_norm", num_classes=3, pretrained_path=str(path))
-    with pytest.raises(pickle.UnpicklingError, match="pretrained_weights_only=False"):
-        ImageClassifier(*vit, pool_kwargs={"gamma": 1.25, "use_beta": True}, **kwargs)
     with pytest.raises(ValueError, match="gamma=1.25, this model has gamma=2.0"):  # gamma is no weight: the args tell
-        ImageClassifier(*vit, pool_kwargs={"gamma": 2.0, "use_beta": True}, pretrained_weights_only=False, **kwargs)
-    tuned = ImageClassifier(*vit, pool_kwargs={"gamma": 1.25, "use_beta": True}, pretrained_weights_only=False, **kwargs)
+        ImageClassifier(*vit, pool_kwargs={"gamma": 2.0, "use_beta": True}, **kwargs)
+    tuned = ImageClassifier(*vit, pool_kwargs={"gamma": 1.25, "use_beta": True}, **kwargs)
     official = {"final_norm.": "backbone.norm.", "pool.": "backbone.simpool.", "model.": "backbone."}
+    # the fork's SimPool-mode forward resamples its position embedding at every forward; the import does it once
+    teacher["backbone.pos_embed"] = simpool_forward_table(teacher["backbone.pos_embed"])
     for name, value in tuned.backbone.state_dict().items():
         prefix = next(p for p in official if name.startswith(p))
         assert torch.equal(value, teacher[official[prefix] + name[len(prefix):]]), name

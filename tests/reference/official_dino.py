@@ -9,8 +9,8 @@ is :class:`tests.reference.official_simpool.OfficialSimPool` (``sp.py``).
 Parameter names, module nesting and forward arithmetic are the fork's, so that a state dict of these
 modules is an official one, key for key. Where this file deliberately differs:
 
-- sizes are constructor arguments (ResNet ``layers``, ConvNeXt ``depths`` / ``dims``, any ViT width),
-  so the tests run tiny networks of the same code;
+- sizes are constructor arguments (ResNet ``layers`` and ``width_per_group``, as torchvision has
+  them, ConvNeXt ``depths`` / ``dims``, any ViT width), so the tests run small networks of the same code;
 - SimPool keeps batch size 1 as a batch and runs on any device (``OfficialSimPool``), where ``sp.py``
   squeezes and is hard-wired to CUDA;
 - nothing here initialises weights the fork's way: the tests overwrite every parameter anyway.
@@ -186,13 +186,16 @@ class _Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None, base_width: int = 64
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = int(planes * (base_width / 64.0))
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.downsample = downsample
 
@@ -205,17 +208,25 @@ class _Bottleneck(nn.Module):
 
 
 class OfficialResNet(nn.Module):
-    """``ResNet(mode, Bottleneck, layers, gamma)`` (resnet50: ``layers=(3, 4, 6, 3)``).
+    """``ResNet(mode, Bottleneck, layers, gamma, width_per_group=64)`` (resnet50: ``layers=(3, 4, 6, 3)``).
 
     ``mode="simpool"`` replaces ``avgpool`` by ``simpool = SimPool(2048, gamma=gamma)`` (no beta) on
     the last map; ``mode="official"`` averages it. ``fc`` is what ``MultiCropWrapper`` and the eval
     scripts replace by ``nn.Identity()``.
     """
 
-    def __init__(self, mode: str, layers: Sequence[int] = (3, 4, 6, 3), gamma: Optional[float] = 2.0, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        mode: str,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        gamma: Optional[float] = 2.0,
+        num_classes: int = 1000,
+        width_per_group: int = 64,
+    ) -> None:
         super().__init__()
         self.mode = mode
         self.inplanes = 64
+        self.base_width = width_per_group
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -233,9 +244,9 @@ class OfficialResNet(nn.Module):
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
             )
-        layers = [_Bottleneck(self.inplanes, planes, stride, downsample)]
+        layers = [_Bottleneck(self.inplanes, planes, stride, downsample, self.base_width)]
         self.inplanes = planes * 4
-        layers += [_Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [_Bottleneck(self.inplanes, planes, base_width=self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -289,11 +289,43 @@ def test_maps_statistics_keep_the_mean_beyond_float32_resolution():
     torch.testing.assert_close(r.double(), std.reciprocal(), rtol=d * torch.finfo(torch.float32).eps, atol=0)
 
 
+def _renumbered(tensors, locations, channels):
+    """The same problem with locations and channels renumbered: every sum runs in another order.
+
+    ``tensors`` are ``[x, ln_weight, ln_bias, wq, wk, upstream]``; X keeps its memory layout.
+    """
+    x, w, b, wq, wk, upstream = tensors
+    maps = x.stride(1) == 1
+    x = x[:, locations][:, :, channels]
+    if maps:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return [x, w[channels], b[channels], wq[channels][:, channels], wk[channels][:, channels], upstream[:, channels]]
+
+
+def _numbered_back(outputs, locations, channels):
+    """``[pooled, attn, dx, dw, db, dwq, dwk]`` of a :func:`_renumbered` problem in the original numbering."""
+    loc, ch = locations.argsort(), channels.argsort()
+    pooled, attn, dx, dw, db, dwq, dwk = outputs
+    return [pooled[:, ch], attn[..., loc], dx[:, loc][:, :, ch], dw[ch], db[ch], dwq[ch][:, ch], dwk[ch][:, ch]]
+
+
 @pytest.mark.parametrize("gamma", [None, 1.25])
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 @pytest.mark.parametrize("layout", ["tokens", "maps"])
 def test_float32_is_as_exact_as_autograd_for_features_far_from_zero(gamma, offset, layout):
-    # Locations whose mean dwarfs their spread: statistics taken as E[x^2] - mean^2 lose every digit.
+    """Float32 errors of the fused functions against those of autograd through the formulas.
+
+    Locations whose mean dwarfs their spread: statistics taken as E[x^2] - mean^2 lose most digits
+    there (attention error 2.9e-4 here against autograd's 2.4e-6 at offset 30).
+    Both implementations are backward stable, so each one's error is a random fraction of the same
+    condition-number-times-eps bound, set by which way its sums happen to round, and the order of
+    those sums changes with the CPU's kernels (one maximum over one order moved 2.6x between
+    ATEN_CPU_CAPABILITY=default and avx2). So each side is measured at its worst over four orders
+    of the same sums (locations and channels renumbered), which estimates the bound rather than one
+    draw of it; then ours must stay within 2x of autograd's, plus a few units of float32 roundoff
+    (8 eps) of the output's largest value for outputs (ln_bias's gradient, a plain sum) that
+    autograd gets nearly exact.
+    """
     gen = torch.Generator().manual_seed(5)
     b, n, d = 4, 49, 256
     inputs = _inputs(layout, False, b=b, n=n, d=d)
@@ -305,14 +337,23 @@ def test_float32_is_as_exact_as_autograd_for_features_far_from_zero(gamma, offse
     args = (1, d**-0.5, gamma, "sample")
 
     def run(fn, tensors):
-        tensors = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]  # keeps strides
-        pooled, attn = fn(*tensors, *args)
-        return [pooled, attn, *torch.autograd.grad((pooled * upstream.to(pooled.dtype)).sum(), tensors[:5])]
+        *tensors, up = [t.detach().clone().requires_grad_() for t in tensors]  # keeps strides
+        pooled, attn = fn(*tensors, None, *args)
+        return [pooled, attn, *torch.autograd.grad((pooled * up).sum(), tensors)]
 
-    exact = run(_formula, inputs)
-    single = [t.float() if t is not None else None for t in inputs]
-    assert single[0].stride(1) == (1 if layout == "maps" else d)
+    problem = [t.detach() for t in inputs[:5]] + [upstream]
+    exact = run(_formula, problem)
+    orders = [(torch.arange(n), torch.arange(d))]
+    orders += [(torch.randperm(n, generator=gen), torch.randperm(d, generator=gen)) for _ in range(3)]
+    worst = {_fused: [0.0] * len(exact), _formula: [0.0] * len(exact)}
+    for locations, channels in orders:
+        single = _renumbered([t.float() for t in problem], locations, channels)
+        assert single[0].stride(1) == (1 if layout == "maps" else d)
+        for fn, errors in worst.items():
+            outputs = _numbered_back(run(fn, single), locations, channels)
+            for i, (o, e) in enumerate(zip(outputs, exact)):
+                errors[i] = max(errors[i], (o.double() - e).abs().max().item())
     names = ["pooled", "attn", "x", "ln_weight", "ln_bias", "wq", "wk"]
-    for name, ours, autograd, e in zip(names, run(_fused, single), run(_formula, single), exact):
-        err_ours, err_autograd = (ours.double() - e).abs().max(), (autograd.double() - e).abs().max()
-        assert err_ours <= 4 * err_autograd + 1e-6 * e.abs().max(), f"{name}: {err_ours:.2e} against {err_autograd:.2e}"
+    for name, err_ours, err_autograd, e in zip(names, worst[_fused], worst[_formula], exact):
+        bound = 2 * err_autograd + 8 * torch.finfo(torch.float32).eps * e.abs().max().item()
+        assert err_ours <= bound, f"{name}: {err_ours:.2e} against autograd's {err_autograd:.2e}"

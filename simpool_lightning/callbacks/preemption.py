@@ -100,7 +100,8 @@ class PreemptionCheckpoint(pl.Callback):
         # After an exception Lightning puts back the handlers it found (this one), and teardown is
         # not called: the handler then only notes a signal that nothing reads.
         if self._requeue_environment is not None:
-            signal.signal(self._requeue_environment.requeue_signal, self._previous_handler)
+            # None: the handler before was not set from Python; the default is the closest.
+            signal.signal(self._requeue_environment.requeue_signal, self._previous_handler or signal.SIG_DFL)
             self._requeue_environment = None
 
     def _note_requeue_signal(self, signum: int, frame: Optional[FrameType]) -> None:

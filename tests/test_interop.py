@@ -11,6 +11,7 @@ batch-norm statistic is perturbed so that any mix-up shows.
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 import warnings
 from pathlib import Path
@@ -36,11 +37,18 @@ BATCH_MIN = {"min_mode": "batch"}
 
 
 def _perturb(module: nn.Module, seed: int) -> nn.Module:
-    """Move every parameter and batch-norm statistic off its initial value (LayerNorm ones, zero biases ...)."""
+    """Move every parameter and batch-norm statistic off its initial value (LayerNorm ones, zero biases ...).
+
+    Matrices and kernels move by half their fan-in scale (``0.5 / sqrt(fan_in)``), as trained
+    weights stay near it: larger, and a wide SimPool's attention logits reach the hundreds, where
+    float32 rounding alone moves the output by 1e-4 in any implementation. Vectors and tables
+    (norms, biases, position embeddings, tokens) move by 0.1.
+    """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            scale = 0.5 / math.sqrt(p[0].numel()) if p.dim() >= 2 and p.shape[0] > 1 else 0.1
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
         for name, b in module.named_buffers():
             if name.endswith("running_mean"):
                 b.add_(torch.randn(b.shape, generator=gen) * 0.1)
@@ -49,8 +57,15 @@ def _perturb(module: nn.Module, seed: int) -> nn.Module:
     return module.eval()
 
 
+def _seeded(seed: int, factory: Any, *args: Any, **kwargs: Any) -> Any:
+    """``factory(*args, **kwargs)`` with the global RNG seeded (initialisation), its state restored after."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return factory(*args, **kwargs)
+
+
 def _official_pool(dim: int, gamma: Optional[float], use_beta: bool = False, seed: int = 1) -> OfficialSimPool:
-    return _perturb(OfficialSimPool(dim, gamma=gamma, use_beta=use_beta), seed)
+    return _perturb(_seeded(seed, OfficialSimPool, dim, gamma=gamma, use_beta=use_beta), seed)
 
 
 def _with_prefix(prefix: str, module: nn.Module) -> dict[str, Tensor]:
@@ -72,7 +87,7 @@ def _assert_same_state(written: dict[str, Tensor], original: dict[str, Tensor]) 
 
 def _supervised_vit(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
     """vision_transformer.py with global_pool='simpool': no class token, gp.pool after norm, head."""
-    vit = _perturb(timm.create_model(VIT, class_token=False, global_pool="", num_classes=NUM_CLASSES, **VIT_KWARGS), 0)
+    vit = _perturb(_seeded(0, timm.create_model, VIT, class_token=False, global_pool="", num_classes=NUM_CLASSES, **VIT_KWARGS), 0)
     pool = _official_pool(64, gamma)
 
     def forward(x: Tensor) -> Tensor:
@@ -83,7 +98,7 @@ def _supervised_vit(gamma: Optional[float]) -> tuple[dict[str, Tensor], Any]:
 
 def _supervised_resnet(gamma: Optional[float], name: str = "resnet18", **sizes: Any) -> tuple[dict[str, Tensor], Any]:
     """resnet.py: global_pool = SelectAdaptivePool2d(pool_type='simpool'), then fc."""
-    resnet = _perturb(timm.create_model(name, num_classes=NUM_CLASSES, **sizes), 0)
+    resnet = _perturb(_seeded(0, timm.create_model, name, num_classes=NUM_CLASSES, **sizes), 0)
     pool = _official_pool(resnet.num_features, gamma)
 
     def forward(x: Tensor) -> Tensor:
@@ -94,7 +109,7 @@ def _supervised_resnet(gamma: Optional[float], name: str = "resnet18", **sizes: 
 
 def _supervised_convnext(gamma: Optional[float], name: str = "convnext_atto", **sizes: Any) -> tuple[dict[str, Tensor], Any]:
     """convnext.py: head = (global_pool, norm, flatten, drop, fc); the norm follows the pool."""
-    convnext = _perturb(timm.create_model(name, num_classes=NUM_CLASSES, **sizes), 0)
+    convnext = _perturb(_seeded(0, timm.create_model, name, num_classes=NUM_CLASSES, **sizes), 0)
     pool = _official_pool(convnext.num_features, gamma)
 
     def forward(x: Tensor) -> Tensor:
@@ -193,7 +208,7 @@ def test_ema_weights_load_and_export(tmp_path: Path) -> None:
 def test_plain_timm_loads_matches_timm_and_exports_back(
     name: str, kwargs: dict[str, Any], pool: str, filename: str, tmp_path: Path
 ) -> None:
-    timm_model = _perturb(timm.create_model(name, num_classes=NUM_CLASSES, **kwargs), 0)
+    timm_model = _perturb(_seeded(0, timm.create_model, name, num_classes=NUM_CLASSES, **kwargs), 0)
     state = timm_model.state_dict()
     if filename.endswith(".safetensors"):
         save_safetensors(state, tmp_path / filename)
@@ -298,7 +313,9 @@ def _official_dino(kind: str, seed: int = 0) -> tuple[dict[str, Any], nn.Module,
     """
     family, arch, mode, gamma, sizes, _, _ = DINO_KINDS[kind]
     use_bn = family == "resnet"
-    student, teacher = main_dino_networks(family, mode, gamma, dict(DINO_HEAD, use_bn=use_bn), **sizes)
+    with torch.random.fork_rng():  # the modules' own initialisation, before the perturbation, is seeded too
+        torch.manual_seed(seed)
+        student, teacher = main_dino_networks(family, mode, gamma, dict(DINO_HEAD, use_bn=use_bn), **sizes)
     _perturb(student, seed)
     _perturb(teacher, seed + 10)
     args = argparse.Namespace(
@@ -421,7 +438,7 @@ def timm_name_of(arch: str) -> str:
 # The builder tests/weights and tests/models share: a SimPool-mode DINO ViT network of the fork.
 def _official_dino_vit(seed: int) -> tuple[dict[str, Tensor], Any, Any]:
     """``(network state, features, forward)`` of the fork's SimPool-mode ViT (gamma 1.25) with its DINOHead."""
-    student, _ = main_dino_networks("vit", "simpool", 1.25, DINO_HEAD, **VIT_SIZES)
+    student, _ = _seeded(seed, main_dino_networks, "vit", "simpool", 1.25, DINO_HEAD, **VIT_SIZES)
     _perturb(student, seed)
     return dict(student.state_dict()), student.backbone, student
 

@@ -209,6 +209,15 @@ class ImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"].update(pretrained=False, pretrained_path=None)
 
+    def on_train_start(self) -> None:
+        # A resumed fit gets the scheduler's base rate back from the checkpoint, the rate of the run
+        # that saved it; the rate follows this run's global batch instead (the same number when world
+        # size and batch are unchanged: base * factor(step) is what the scheduler computed, bit for bit).
+        scheduler = self.lr_schedulers()
+        scheduler.base_lrs = [self.lr_scaled for _ in scheduler.base_lrs]
+        for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images, labels = batch["image"], batch["label"]
         if self.mixup is not None:

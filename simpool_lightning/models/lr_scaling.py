@@ -16,7 +16,9 @@ Deliberate differences from timm:
 - ``warmup_lr`` and ``min_lr`` are not scaled, as in timm and DINO's ``main_dino.py``.
 
 The per-process batch is the ``batch_size`` of the training loader (the one the loop draws from),
-else the DataModule's ``batch_size``.
+else the DataModule's ``batch_size``. A resumed fit trains at the rate of its own global batch, not
+the checkpoint's (the same number when nothing changed): DINO sets the rate at every step from its
+schedule, and ``ImageClassifier`` re-bases its scheduler when training starts.
 """
 from __future__ import annotations
 

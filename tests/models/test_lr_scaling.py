@@ -17,11 +17,13 @@ from typing import Any, Callable
 import pytest
 import pytorch_lightning as pl
 import yaml
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from simpool_lightning.data import MultiCropTransform, SyntheticShapesDataModule
 from simpool_lightning.models import DINO, ImageClassifier
 from simpool_lightning.models.lr_scaling import default_lr_scale, scale_lr
+from simpool_lightning.models.schedules import cosine_schedule
 from tests.isolated import run_isolated
 from tests.reference.timm_lr_base import timm_lr
 from tests.trainers import trainer
@@ -197,3 +199,34 @@ def test_without_a_reference_batch_lr_base_is_the_rate_and_the_default_is_unchan
     for model, want in [(classifier(), 5e-4), (classifier(lr_base=2e-3), 2e-3), (classifier(lr=3e-3), 3e-3)]:
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, data)
         assert model.lr_scaled == want
+
+
+class LookAtTheStart(pl.Callback):
+    """The optimizer's rates and the scheduler's step at the first batch a fit trains on."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.lrs:
+            self.lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
+            self.step = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+
+
+def test_a_resumed_fit_trains_at_its_own_global_batch(tmp_path):
+    # Saved at the end of an epoch with batch 16, resumed with batch 32 (allowed at an epoch's end):
+    # from the resumed step on the rate is the one for 32, not the checkpoint's.
+    settings = dict(lr_base=1e-3, lr_base_size=64, lr_base_scale="linear", warmup_epochs=0, min_lr=1e-5)
+    epochs = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+    trainer(tmp_path, max_epochs=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[epochs]).fit(
+        classifier(**settings), SyntheticShapesDataModule(num_classes=4, image_size=32, train_size=64, val_size=8, batch_size=16)
+    )
+    look, model = LookAtTheStart(), classifier(**settings)
+    trainer(tmp_path, max_epochs=3, limit_val_batches=0, callbacks=[look]).fit(
+        model, SyntheticShapesDataModule(num_classes=4, image_size=32, train_size=64, val_size=8, batch_size=32),
+        ckpt_path=str(tmp_path / "epoch=0.ckpt"),
+    )
+    assert model.lr_scaled == 1e-3 * 32 / 64 and look.step == 4  # 4 steps of 16 done
+    total = 3 * 2  # what this run's schedule counts: 3 epochs of 2 steps
+    want = model.lr_scaled * cosine_schedule(4, total, 1.0, 1e-5 / model.lr_scaled)
+    assert look.lrs == [want, want]

@@ -7,6 +7,12 @@
 Model and data are chosen in the config by ``class_path`` (any LightningModule and
 LightningDataModule, the project's own by short name); configs are parsed with omegaconf
 interpolation (``${data.init_args.num_classes}``) and unknown keys are errors.
+
+The run folder is ``trainer.default_root_dir``: the logger's ``save_dir`` is linked to it, so
+``--trainer.default_root_dir runs/other`` moves the logs, the attention-map images (written to the
+logger's folder) and the checkpoints (recipes leave ``ModelCheckpoint.dirpath`` unset, which Lightning
+resolves to ``<logger folder>/checkpoints``) together, and ``--ckpt_path last`` with the same
+override finds the newest state there. A logger given on the command line gets the same ``save_dir``.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ __all__ = ["SimPoolCLI", "main"]
 class SimPoolCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        # One key moves a whole run: configs repeating the folder in each path drifted apart under
+        # an override of one of them. The link is applied when parsing, so any logger class takes it.
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -24,8 +24,9 @@ def on_cpu(tmp_path: Path) -> list[str]:
 def simpool_test(config: str, tmp_path: Path, *overrides: str) -> dict[str, float]:
     """``simpool test -c config`` on CPU with a CSV logger; the ``test/*`` metrics it logged."""
     logs = tmp_path / "logs"
-    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(logs)}}
-    main(["test", "-c", config, *on_cpu(tmp_path), f"--trainer.logger={json.dumps(logger)}", *overrides])
+    # The CLI links the logger's save_dir to the run folder, default_root_dir.
+    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger"}
+    main(["test", "-c", config, *on_cpu(tmp_path), f"--trainer.default_root_dir={logs}", f"--trainer.logger={json.dumps(logger)}", *overrides])
     (metrics_file,) = logs.rglob("metrics.csv")
     with open(metrics_file) as f:
         (row,) = csv.DictReader(f)

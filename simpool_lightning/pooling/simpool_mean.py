@@ -7,9 +7,8 @@ query u_h = scale * W_k,h^T (W_q q + b_q)_h and uw_h = u_h * w:
     y[S_h]   = w * sum_j a_hj r_j (x_j - mu_j) + b     restricted to head h's channels S_h
 
 The forward takes exact LayerNorm statistics and the logits from one LayerNorm without its affine
-(two passes for maps), reads X for the query, and takes the weighted sum from the centered features
-(never sum_j c_j x_j - sum_j c_j mu_j, which cancels for features far from zero); nothing of size
-(B, N, d) but X is saved.
+(two passes for maps), then reads X for the query, and LayerNorm's output (tokens) or X (maps) for
+the weighted sum; nothing of size (B, N, d) but X is saved.
 The backward reads X twice and folds every per-location term of dX into one batched matrix product
 plus one multiply-add, where autograd would form and sum several (B, N, d) gradients. X may be
 tokens ``(B, N, d)`` or maps viewed as tokens (channels outermost, the view ``to_tokens`` makes):
@@ -81,40 +80,39 @@ def fold_query_backward(
 
 def _layer_norm_logits(
     x: Tensor, u: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """``(logits, mu, r, y, delta)``: ``u_h . LN(x_j)`` ``(B, h, N)``, LayerNorm's mean and inverse std
-    ``(B, N)``, and the centered features ``y`` ``(B, N, d)`` that the output averages.
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(logits, mu, r, xhat, delta)``: ``u_h . LN(x_j)`` ``(B, h, N)``; LayerNorm's mean and inverse
+    std ``(B, N)``; for tokens its output before the affine ``xhat`` ``(B, N, d)``, for maps the
+    rest ``delta`` ``(B, N)`` of the mean ``mu + delta`` that float32 ``mu`` cannot hold.
 
     The statistics are exact (two passes, or LayerNorm's own kernel): E[x^2] - mu^2 and logits from
     raw X would skip a (B, N, d) write but lose every digit for a location whose mean dwarfs its
-    spread, and so would the output taken from raw X, ``sum_j c_j x_j - sum_j c_j mu_j``. Tokens go
-    through LayerNorm's kernel without its affine: ``y_j = r_j (x_j - mu_j)`` and ``delta`` is
-    ``None``. Maps viewed as tokens, which that kernel would copy, are centered in their own layout:
-    ``y_j = x_j - mu_j`` (``r_j`` not applied) and the mean is ``mu + delta``.
+    spread. Tokens go through LayerNorm's kernel without its affine, and the output averages its
+    ``xhat``. Maps viewed as tokens, which that kernel would copy, are centered in their own layout.
 
-    ``delta`` keeps the mean to more digits than float32 holds. The mean of a location at 30 carries
-    a rounding error of up to half a unit in the last place of 30 (1e-6), the same shift on every
-    channel: LayerNorm turns it into ``r_j delta_j sum(u_h w)`` on the logit, an error coherent over
-    channels that, at a location of small spread (large ``r_j``), outgrows what rounding X itself
-    costs. ``x - mu`` is exact wherever x is within a factor 2 of mu (Sterbenz), so the mean of
-    ``y`` is that rounding error to float32 accuracy, and one more row in the matrix product that the logits need computes it.
+    The mean of a location at 30 is off by 1e-6 or more in float32 (half a unit in the last place
+    of 30, plus its sum's rounding), the same shift on every channel: LayerNorm turns it into
+    ``r_j delta_j sum(u_h w)`` on the logit, an error coherent over channels that, at a location of
+    small spread (large ``r_j``), outgrows what storing X in float32 costs. ``x - mu`` is exact
+    wherever x is within a factor 2 of mu (Sterbenz), so the mean of the centered values is that
+    error to float32 accuracy, and one more row in the matrix product that the logits need
+    computes it.
     """
     b, n, d = x.shape
     uw = u * ln_weight  # (B, h, d)
     offset = (u * ln_bias).sum(-1, keepdim=True)  # (B, h, 1)
     if x.stride(-1) == 1:
-        y, mu, r = torch.native_layer_norm(x, (d,), None, None, eps)
-        return torch.baddbmm(offset, uw, y.transpose(1, 2)), mu.view(b, n), r.view(b, n), y, None
+        xhat, mu, r = torch.native_layer_norm(x, (d,), None, None, eps)
+        return torch.baddbmm(offset, uw, xhat.transpose(1, 2)), mu.view(b, n), r.view(b, n), xhat, None
     mu = x.mean(-1)  # (B, N)
-    y = x - mu.unsqueeze(-1)  # (B, N, d) in X's layout
+    centered = x - mu.unsqueeze(-1)  # (B, N, d) in X's layout
     rows = torch.cat([uw, uw.new_full((b, 1, d), 1.0 / d)], 1)  # (B, h + 1, d): the last row means
-    products = torch.bmm(rows, y.transpose(1, 2))  # (B, h + 1, N)
+    products = torch.bmm(rows, centered.transpose(1, 2))  # (B, h + 1, N)
     raw, delta = products[:, :-1], products[:, -1]
     raw = raw - delta.unsqueeze(1) * uw.sum(-1, keepdim=True)  # uw . (x_j - mu_j - delta_j)
-    # mean((y - delta)^2) = mean(y^2) - delta^2: no second centering pass. The squares go to a new
-    # buffer, as y is averaged again below; vector_norm would skip it but runs 4x slower here.
-    r = y.square().mean(-1).sub_(delta.square()).add_(eps).rsqrt_()
-    return raw * r.unsqueeze(1) + offset, mu, r, y, delta
+    # mean((x - mu - delta)^2) = mean((x - mu)^2) - delta^2: no second centering pass.
+    r = centered.square_().mean(-1).sub_(delta.square()).add_(eps).rsqrt_()
+    return raw * r.unsqueeze(1) + offset, mu, r, None, delta
 
 
 class _SimPoolMean(torch.autograd.Function):
@@ -135,13 +133,15 @@ class _SimPoolMean(torch.autograd.Function):
         h = num_heads
         q = token_mean(x)  # (B, d): the query is the GAP of the raw features
         qh, u = fold_query(q, wq, wk, bq, h, scale)
-        logits, mu, r, y, delta = _layer_norm_logits(x, u, ln_weight, ln_bias, ln_eps)
+        logits, mu, r, xhat, delta = _layer_norm_logits(x, u, ln_weight, ln_bias, ln_eps)
         attn = logits.softmax(-1)
-        if delta is None:
-            centered = torch.bmm(attn, y)  # (B, h, d): sum_j a_hj r_j (x_j - mu_j)
-        else:
+        if xhat is not None:
+            centered = torch.bmm(attn, xhat)  # (B, h, d): sum_j a_hj r_j (x_j - mu_j)
+        else:  # maps: from X itself, their squares having taken the centered buffer
             c = attn * r.unsqueeze(1)
-            centered = torch.bmm(c, y) - (c * delta.unsqueeze(1)).sum(-1, keepdim=True)
+            # mu and delta subtracted apart: their float32 sum would round delta away
+            shift = (c * mu.unsqueeze(1)).sum(-1, keepdim=True) + (c * delta.unsqueeze(1)).sum(-1, keepdim=True)
+            centered = torch.bmm(c, x) - shift
         pooled = own_channels(centered) * ln_weight + ln_bias  # (B, d)
         ctx.save_for_backward(x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, centered)
         ctx.num_heads, ctx.scale, ctx.has_bq = num_heads, scale, bq is not None

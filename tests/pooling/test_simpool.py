@@ -271,18 +271,17 @@ def test_fused_functions_equal_autograd_through_the_formulas(gamma, min_mode, nu
 def test_maps_statistics_keep_the_mean_beyond_float32_resolution():
     # Locations at 30 with a spread of 1e-3: float32 holds their mean only to 1e-6 (half a unit in
     # the last place of 30; its sum adds more), 1e-3 of their spread, the same shift on every
-    # channel. The maps path
-    # recovers the rest as delta, the mean of the exactly centered values, whose sum of d terms of
-    # size at most max|y| errs by at most d eps max|y| (the worst case of any summation order).
+    # channel. The maps path recovers the rest as delta, the mean of the exactly centered values
+    # y = x - mu, whose sum of d terms errs by at most d eps max|y| (any summation order).
     gen = torch.Generator().manual_seed(6)
     b, n, d = 2, 49, 256
     exact = torch.randn(b, n, d, generator=gen, dtype=torch.double) * 1e-3 + 30
     x = exact.float().transpose(1, 2).contiguous().transpose(1, 2)  # maps viewed as tokens
     u = torch.randn(b, 1, d, generator=gen)
-    _, mu, r, y, delta = _layer_norm_logits(x, u, torch.ones(d), torch.zeros(d), 1e-6)
+    _, mu, r, _, delta = _layer_norm_logits(x, u, torch.ones(d), torch.zeros(d), 1e-6)
     stored = x.double()  # what float32 holds; the statistics can only be exact for these values
     mean = stored.mean(-1)
-    bound = d * torch.finfo(torch.float32).eps * y.abs().amax(-1).double()
+    bound = d * torch.finfo(torch.float32).eps * (stored - mu.double().unsqueeze(-1)).abs().amax(-1)
     assert ((mu.double() + delta.double() - mean).abs() <= bound).all()
     assert ((mu.double() - mean).abs() > bound).any()  # float32's mean alone misses it
     std = (stored - mean.unsqueeze(-1)).square().mean(-1).add(1e-6).sqrt()

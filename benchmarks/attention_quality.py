@@ -82,6 +82,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--simpool-heads", type=int, default=1, help="SimPool's num_heads")
     p.add_argument("--mass", type=float, default=0.6, help="map mass kept for mask IoU and CorLoc")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--checkpoint", action="append", default=[], metavar="POOL=PATH",
+        help="evaluate this trained ImageClassifier checkpoint (e.g. the quickstart's last.ckpt) instead of training POOL",
+    )
+    p.add_argument("--save-checkpoints", default=None, metavar="DIR", help="write each trained model to DIR/<pool>.ckpt")
     p.add_argument("--save-maps", default=None, help="write the first validation images and every row's maps to this .npz")
     p.add_argument("--num-saved", type=int, default=8, help="images in --save-maps")
     return p.parse_args(argv)
@@ -140,8 +145,25 @@ def train(pool: str, args: argparse.Namespace) -> tuple[ImageClassifier, float, 
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(model, shapes(args))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    if args.save_checkpoints:
+        trainer.save_checkpoint(os.path.join(args.save_checkpoints, f"{pool}.ckpt"))
     model.eval()
-    return model, time.perf_counter() - start, time.process_time() - cpu_start
+    return model, seconds, cpu_seconds
+
+
+def load(pool: str, path: str, args: argparse.Namespace) -> ImageClassifier:
+    """A trained checkpoint of ``pool``, checked against the benchmark's data settings."""
+    model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    if model.hparams.pool != pool:
+        raise ValueError(f"--checkpoint {pool}={path}: the checkpoint pools with {model.hparams.pool!r}")
+    fitted = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+    ours = shapes(args).hparams
+    keys = ("num_classes", "image_size", "seed", "object_placement", "object_scale", "num_distractor_shapes", "num_distractors")
+    differ = {k: (fitted.get(k), ours[k]) for k in keys if k in fitted and tuple(np.atleast_1d(fitted[k])) != tuple(np.atleast_1d(ours[k]))}
+    if differ:
+        raise ValueError(f"--checkpoint {pool}={path} was fitted on other data (checkpoint, benchmark): {differ}")
+    return model.eval()
 
 
 def class_activation_maps(model: ImageClassifier, images: Tensor, labels: Tensor) -> Tensor:
@@ -273,12 +295,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     print(f"# {platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print("# " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     saved: Optional[dict[str, np.ndarray]] = {} if args.save_maps else None
+    checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     rows = []
     for pool in args.pools:
-        model, seconds, cpu_seconds = train(pool, args)
+        if pool in checkpoints:
+            model, seconds, cpu_seconds = load(pool, checkpoints[pool], args), None, None
+        else:
+            model, seconds, cpu_seconds = train(pool, args)
         name = {"token": "token ([CLS] attention)", "avg": "avg (GAP-CAM)", "simpool": "simpool"}.get(pool, pool)
         rows.append(dict(evaluate(name, model_maps(model), args, saved), seconds=seconds, cpu_seconds=cpu_seconds))
-        print(f"# {pool}: trained in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)", flush=True)
+        done = f"loaded from {checkpoints[pool]}" if pool in checkpoints else f"trained in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)"
+        print(f"# {pool}: {done}", flush=True)
     rows += prior_rows(args, saved)
     print(table(rows, args.mass), flush=True)
     if saved is not None:

@@ -7,10 +7,13 @@ interpolation, flip 0.5, RandAugment ``rand-m9-mstd0.5-inc1``, normalisation, ra
 ``timm.data.ImageDataset`` + ``create_loader`` (which builds ``create_transform``) as ``train.py``
 runs it on a CPU (``use_prefetcher=False``). Both decode every image fully with PIL.
 
-The loaders take turns epoch by epoch for ``--rounds`` rounds, in alternating order, after one
-warm-up epoch each (worker start-up, page cache); printed: the median images/s of each and the
-median of the per-round ratios (package / timm, above 1 is faster). A second table times the JPEG
-decode alone, PIL against ``torchvision.io.decode_jpeg``.
+The machine may be shared, so the loaders take turns: batch by batch when loading in-process
+(0 workers), epoch by epoch in alternating order with worker processes, for ``--rounds`` epochs
+after one warm-up epoch each (worker start-up, page cache). Printed for each: images/s (wall) and
+CPU milliseconds per image (this process and the loader's workers, from ``/proc``), and the ratios
+(above 1: the package is faster). Wall time is what training waits for; CPU time is the work done,
+and moves much less with the load of other processes. A second table times the JPEG decode alone,
+PIL against ``torchvision.io.decode_jpeg``, file by file.
 
     python benchmarks/data_pipeline.py                       # fabricates a tree in a temp folder
     python benchmarks/data_pipeline.py --root /path/to/tree  # an existing ImageFolder tree (train/, val/)
@@ -18,9 +21,9 @@ decode alone, PIL against ``torchvision.io.decode_jpeg``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -97,54 +100,118 @@ def timm_loader(root: Path, train: bool, workers: int, batch: int) -> Iterable[A
     return loader
 
 
-def images(batch: Any) -> torch.Tensor:
-    return batch["image"] if isinstance(batch, dict) else batch[0]
+def images(batch: Any) -> int:
+    return (batch["image"] if isinstance(batch, dict) else batch[0]).shape[0]
 
 
-def epoch_rate(loader: Iterable[Any]) -> float:
-    """Images per second over one full pass."""
-    start, count = time.perf_counter(), 0
-    for batch in loader:
-        count += images(batch).shape[0]
-    return count / (time.perf_counter() - start)
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: [0] state, [1] parent, [11] utime, [12] stime."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
 
 
-def compare(
-    name: str, make: dict[str, Callable[[], Iterable[Any]]], rounds: int
-) -> tuple[str, dict[str, float], float]:
+def _children() -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == os.getpid():
+                    pids.add(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
+
+
+def _cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU time of processes (a loader's workers), from /proc."""
+    return sum(int(_stat(pid)[11]) + int(_stat(pid)[12]) for pid in pids) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Images, wall seconds and CPU seconds (this process and the loader's workers) of one loader."""
+
+    def __init__(self) -> None:
+        self.images, self.wall, self.cpu = 0, 0.0, 0.0
+
+    def rate(self) -> float:
+        return self.images / self.wall
+
+    def cpu_ms(self) -> float:
+        return 1e3 * self.cpu / self.images
+
+
+def interleave_batches(loaders: dict[str, Any], epochs: int) -> dict[str, Meter]:
+    """In-process loading: the loaders take turns batch by batch (the first of each pair alternates),
+    so load changes on a shared machine hit both alike; every batch is timed on its own."""
+    meters = {key: Meter() for key in loaders}
+    for epoch in range(epochs + 1):  # epoch 0 warms up
+        iterators = {key: iter(loader) for key, loader in loaders.items()}
+        for step in itertools.count():
+            order = list(iterators) if step % 2 == 0 else list(reversed(iterators))
+            done = False
+            for key in order:
+                wall, cpu = time.perf_counter(), time.process_time()
+                batch = next(iterators[key], None)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                if batch is None:
+                    done = True
+                elif epoch > 0:
+                    meters[key].images += images(batch)
+                    meters[key].wall += wall
+                    meters[key].cpu += cpu
+            if done:
+                break
+    return meters
+
+
+def interleave_epochs(loaders: dict[str, Any], epochs: int) -> dict[str, Meter]:
+    """Worker processes: the loaders take turns epoch by epoch, in alternating order, after one
+    warm-up epoch each (worker start-up). CPU time counts this process and the workers."""
+    meters = {key: Meter() for key in loaders}
+    workers: dict[str, set[int]] = {}
+    for key, loader in loaders.items():  # warm-up; persistent workers stay the same processes
+        before = _children()
+        sum(images(batch) for batch in loader)
+        workers[key] = _children() - before
+    for epoch in range(epochs):
+        order = list(loaders) if epoch % 2 == 0 else list(reversed(loaders))
+        for key in order:
+            wall, cpu, worker_cpu = time.perf_counter(), time.process_time(), _cpu_seconds(workers[key])
+            count = sum(images(batch) for batch in loaders[key])
+            cpu = time.process_time() - cpu + _cpu_seconds(workers[key]) - worker_cpu
+            wall = time.perf_counter() - wall
+            meters[key].images += count
+            meters[key].wall += wall
+            meters[key].cpu += cpu
+    return meters
+
+
+def compare(name: str, make: dict[str, Callable[[], Any]], workers: int, epochs: int) -> tuple[str, dict[str, Meter]]:
     loaders = {key: build() for key, build in make.items()}
-    for loader in loaders.values():
-        epoch_rate(loader)  # warm-up: workers, page cache, first-call costs
-    rates: dict[str, list[float]] = {key: [] for key in loaders}
-    ratios = []
-    for r in range(rounds):
-        order = list(loaders) if r % 2 == 0 else list(reversed(loaders))
-        now = {key: epoch_rate(loaders[key]) for key in order}
-        for key, rate in now.items():
-            rates[key].append(rate)
-        ratios.append(now["package"] / now["timm"])
-        print(f"  {name} round {r}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in now.items()), flush=True)
+    meters = interleave_batches(loaders, epochs) if workers == 0 else interleave_epochs(loaders, epochs)
+    line = ", ".join(f"{k} {m.rate():.1f} images/s, {m.cpu_ms():.2f} CPU ms/image" for k, m in meters.items())
+    print(f"  {name}: {line}", flush=True)
     del loaders  # ends persistent workers before the next configuration starts its own
-    return name, {key: statistics.median(v) for key, v in rates.items()}, statistics.median(ratios)
+    return name, meters
 
 
 def decode_rates(files: list[str], rounds: int) -> tuple[float, float, bool]:
-    """Images/s of PIL's full decode (what both loaders do) and of torchvision's decode_jpeg, interleaved;
-    and whether the two decoders give identical pixels on every file."""
-    pil, tv = [], []
+    """CPU ms per image of PIL's full decode (what both loaders do) and of torchvision's
+    ``decode_jpeg``, taking turns file by file; and whether the two give identical pixels on every file."""
+    pil = tv = 0.0
     for _ in range(rounds):
-        start = time.perf_counter()
         for f in files:
+            start = time.process_time()
             load_rgb(f)
-        pil.append(len(files) / (time.perf_counter() - start))
-        start = time.perf_counter()
-        for f in files:
+            pil += time.process_time() - start
+            start = time.process_time()
             decode_jpeg(read_file(f))
-        tv.append(len(files) / (time.perf_counter() - start))
+            tv += time.process_time() - start
     same = all(
-        torch.equal(torch.from_numpy(np.asarray(load_rgb(f))).permute(2, 0, 1), decode_jpeg(read_file(f))) for f in files
+        torch.equal(torch.from_numpy(np.array(load_rgb(f))).permute(2, 0, 1), decode_jpeg(read_file(f))) for f in files
     )
-    return statistics.median(pil), statistics.median(tv), same
+    n = rounds * len(files)
+    return 1e3 * pil / n, 1e3 * tv / n, same
 
 
 def main() -> None:
@@ -154,10 +221,18 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=64)
     parser.add_argument("--val-per-class", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs of each loader, after one warm-up epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--only", choices=["train", "eval"], help="time one split only")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this process (loading in-process: per-image tensors are too small for more "
+        "to help, and spare threads spin on a busy machine; workers always run one)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -180,17 +255,24 @@ def main() -> None:
                     "package": lambda: package_loader(root, train, workers, args.batch),
                     "timm": lambda: timm_loader(root, train, workers, args.batch),
                 }
-                results.append(compare(f"{split}, {workers} workers", make, args.rounds))
+                results.append(compare(f"{split}, {workers} workers", make, workers, args.rounds))
         files = sorted(str(p) for p in (root / "val").rglob("*.JPEG"))[:200]
         pil, tv, same = decode_rates(files, args.rounds)
         print(f"load average after: {os.getloadavg()[0]:.1f}\n")
-        print("| loader | package images/s | timm images/s | package / timm |")
-        print("|---|---|---|---|")
-        for name, rates, ratio in results:
-            print(f"| {name} | {rates['package']:.1f} | {rates['timm']:.1f} | {ratio:.3f}x |")
-        print("\n| JPEG decode alone | PIL images/s | torchvision decode_jpeg images/s | ratio | same pixels |")
+        print(
+            "| loader | package images/s | timm images/s | package / timm (wall) "
+            "| package CPU ms/image | timm CPU ms/image | timm / package (CPU) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for name, m in results:
+            package, reference = m["package"], m["timm"]
+            print(
+                f"| {name} | {package.rate():.1f} | {reference.rate():.1f} | {package.rate() / reference.rate():.3f}x "
+                f"| {package.cpu_ms():.2f} | {reference.cpu_ms():.2f} | {reference.cpu_ms() / package.cpu_ms():.3f}x |"
+            )
+        print("\n| JPEG decode alone | PIL CPU ms/image | torchvision decode_jpeg CPU ms/image | PIL / decode_jpeg | same pixels |")
         print("|---|---|---|---|---|")
-        print(f"| {len(files)} files | {pil:.1f} | {tv:.1f} | {tv / pil:.2f}x | {'yes' if same else 'no'} |")
+        print(f"| {len(files)} files | {pil:.2f} | {tv:.2f} | {pil / tv:.2f}x | {'yes' if same else 'no'} |")
 
 
 if __name__ == "__main__":

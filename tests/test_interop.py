@@ -424,10 +424,11 @@ def test_dino_backbone_only_files_give_the_full_checkpoints_features(kind: str, 
         placement = "before_norm" if family == "vit" and mode == "simpool" else "after_norm"
         pool = "simpool" if mode == "simpool" else "avg"
         model_kwargs = {"vit": VIT_KWARGS, "resnet": RESNET50_SIZES, "convnext": CONVNEXT_S_SIZES}[family]
-        tuned = PooledBackbone(
-            timm_name_of(arch), pool, pool_kwargs, placement, pretrained_path=str(tmp_path / "pretrain.pth"), **model_kwargs
-        ).eval()
-        torch.testing.assert_close(tuned(x), expected, atol=0, rtol=0)
+        for name in ("pretrain.pth", "checkpoint.pth"):
+            tuned = PooledBackbone(
+                timm_name_of(arch), pool, pool_kwargs, placement, pretrained_path=str(tmp_path / name), **model_kwargs
+            ).eval()
+            torch.testing.assert_close(tuned(x), expected, atol=0, rtol=0)
 
 
 def timm_name_of(arch: str) -> str:

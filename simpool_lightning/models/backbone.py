@@ -79,8 +79,9 @@ class PooledBackbone(nn.Module):
             or ``DINO`` (teacher), an official SimPool checkpoint, or a plain timm state dict
             (:func:`~simpool_lightning.weights.read_pretrained`). Backbone and pool load strictly (a plain timm file: the timm
             model only); a mismatch raises :class:`WeightsMismatchError` listing the keys.
-        weights_only: unpickle ``pretrained_path`` with ``weights_only=True``; ``False`` only for a
-            file you trust that needs it (official checkpoints).
+        weights_only: unpickle ``pretrained_path`` with ``weights_only=True`` (tensors, plain
+            containers and ``argparse.Namespace``, so official checkpoints read with it); ``False``
+            only for a file you trust that holds other objects.
         model_kwargs: passed to ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``,
             ``drop_path_rate`` ...).
 

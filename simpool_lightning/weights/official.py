@@ -78,6 +78,7 @@ __all__ = [
     "TOKEN_POOL",
     "classifier_kwargs",
     "classifier_rules",
+    "convnext_timm_names",
     "detect_kind",
     "dino_family",
     "dino_from_official",

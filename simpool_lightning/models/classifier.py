@@ -64,9 +64,9 @@ class ImageClassifier(pl.LightningModule):
             or a plain timm state dict (the timm model only; the pool starts fresh). Backbone and
             pool load strictly and the head never does; a mismatch lists the missing, unexpected
             and mis-shaped keys and names the file. See :mod:`simpool_lightning.models.backbone`.
-        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``.
-            Official checkpoints store their training args as an ``argparse.Namespace`` and need
-            ``False``: set it only for a file you trust.
+        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``
+            (tensors, plain containers and ``argparse.Namespace``: official checkpoints read with
+            it); ``False`` only for a file you trust that holds other objects.
         drop_rate: dropout before the head. ``drop_path_rate``: stochastic depth of the backbone.
         label_smoothing: of the cross-entropy (and of the mixed targets with mixup/cutmix).
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm's ``Mixup``; off when both

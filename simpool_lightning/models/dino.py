@@ -87,8 +87,9 @@ class DINO(pl.LightningModule):
         pretrained_path: initialise both networks' backbone and pool from this file instead: an
             ``ImageClassifier`` or ``DINO`` checkpoint, an official SimPool checkpoint or a plain
             timm state dict, loaded strictly (see :class:`~simpool_lightning.models.PooledBackbone`).
-        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``;
-            official checkpoints hold an ``argparse.Namespace`` and need ``False`` (a file you trust).
+        pretrained_weights_only: read ``pretrained_path`` with ``torch.load(weights_only=True)``
+            (tensors, plain containers and ``argparse.Namespace``: official checkpoints read with
+            it); ``False`` only for a file you trust that holds other objects.
         drop_path_rate: the student's stochastic depth; the teacher has none, as in DINO.
         out_dim: prototypes ``K`` of the head (65536 for ViT-S, 60000 for ResNet-50 in the paper).
         use_bn_in_head: BatchNorm in the head's MLP (DINO's ResNet-50 recipe).

@@ -1,9 +1,14 @@
-"""AttentionMapLogger: the model's attention maps on a fixed set of validation images, every N epochs.
+"""Drawing attention maps over images, and AttentionMapLogger, which does it every N epochs.
 
-The figure has one column per image and three rows: the image, its attention map as a heat map
-over it, and the contour of the locations that hold ``mass`` of the attention (thresholded as
-DINO does, :func:`~simpool_lightning.metrics.localization.threshold_by_mass`), with the
-ground-truth mask dashed where the batches carry one.
+:func:`overlay_attention` is the one drawing of a map over an image, pixel for pixel at the
+image's size: the map as a heat overlay and the contour of the locations that hold ``mass`` of
+the attention (thresholded as DINO does,
+:func:`~simpool_lightning.metrics.localization.threshold_by_mass`). The contour is the region's
+own boundary pixels, so the pixels it encloses are exactly that region. :func:`plot_attention`
+arranges such panels in a grid (one column per image; rows: the image, the heat overlay, the
+contour, with the ground-truth mask dashed where there is one), which
+:class:`AttentionMapLogger` logs and the notebooks show; ``PredictionWriter`` writes one
+:func:`overlay_attention` picture per predicted image.
 
 Figures are drawn on matplotlib's Agg canvas directly (``FigureCanvasAgg``), never through
 ``pyplot``: no global figure state, no GUI, and the backend a user chose (say, in a notebook)
@@ -19,6 +24,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -29,9 +35,20 @@ from torch import Tensor
 
 from ..metrics.localization import threshold_by_mass
 
-__all__ = ["AttentionMapLogger", "denormalize", "figure_to_array", "plot_attention"]
+__all__ = [
+    "AttentionMapLogger",
+    "CONTOUR_COLOR",
+    "contour_pixels",
+    "denormalize",
+    "figure_to_array",
+    "overlay_attention",
+    "plot_attention",
+]
 
 Size = Union[int, tuple[int, int]]
+
+CONTOUR_COLOR: tuple[int, int, int] = (0, 255, 255)
+"""Cyan: no blend of an image and the ``inferno`` heat map reaches it, so the contour stays visible."""
 
 
 def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -39,6 +56,69 @@ def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
     std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
     return (images.float() * std_t + mean_t).clamp(0.0, 1.0)
+
+
+def contour_pixels(mask: Tensor, width: int = 1) -> Tensor:
+    """The boundary of a region, drawn inside it: ``(H, W)`` bool -> ``(H, W)`` bool.
+
+    The pixels of ``mask`` within ``width`` pixels (8-neighbourhood steps) of a pixel outside it
+    or of the image's edge. The band lies inside the region and closes along the image's edge
+    where the region touches it, so the region is exactly the band and what the band encloses.
+    """
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool (H, W) tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    outside = F.pad((~mask).float()[None, None], (width,) * 4, value=1.0)  # the edge counts as outside
+    near_outside = F.max_pool2d(outside, 2 * width + 1, stride=1)[0, 0] > 0
+    return mask & near_outside
+
+
+def overlay_attention(
+    image: Tensor,
+    attn: Tensor,
+    mass: Optional[float] = 0.6,
+    cmap: str = "inferno",
+    alpha: float = 0.5,
+    contour_color: tuple[int, int, int] = CONTOUR_COLOR,
+    contour_width: Optional[int] = None,
+) -> np.ndarray:
+    """An image with its attention map as a heat overlay and the contour of the map's top ``mass``.
+
+    Args:
+        image: RGB in ``[0, 1]``, ``(3, H, W)``.
+        attn: non-negative attention at the image's size, ``(H, W)``; shown scaled to its own
+            maximum (maps sum to 1, so their values shrink with the image's size).
+        mass: the contour encloses exactly the locations that
+            :func:`~simpool_lightning.metrics.localization.threshold_by_mass` keeps for this
+            ``mass``; ``None`` draws no contour.
+        cmap, alpha: matplotlib colour map of the heat overlay and its opacity (``0``: the image
+            alone, with the contour).
+        contour_color: RGB of the contour.
+        contour_width: its width in pixels, inside the region (:func:`contour_pixels`); by default
+            1 pixel per 256 pixels of the image's shorter side, at least 1.
+
+    Returns:
+        RGB ``uint8`` ``(H, W, 3)``, the image's size.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be RGB (3, H, W), got shape {tuple(image.shape)}")
+    if tuple(attn.shape) != tuple(image.shape[1:]):
+        raise ValueError(f"attn must have the image's size {tuple(image.shape[1:])}, got shape {tuple(attn.shape)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    m = attn.detach().cpu()  # thresholded in the caller's precision
+    if alpha > 0:
+        shown = (m / m.max().clamp_min(1e-12)).float().numpy()
+        heat = matplotlib.colormaps[cmap](shown)[..., :3]
+        rgb = (1.0 - alpha) * rgb + alpha * heat
+    out = np.round(rgb * 255.0).astype(np.uint8)
+    if mass is not None:
+        width = contour_width if contour_width is not None else max(1, round(min(m.shape) / 256))
+        region = threshold_by_mass(m[None], mass)[0]
+        out[contour_pixels(region, width).numpy()] = contour_color
+    return out
 
 
 def plot_attention(
@@ -52,6 +132,9 @@ def plot_attention(
     panel_inches: float = 1.6,
 ) -> Figure:
     """A grid of images, their attention heat maps and the contours of the thresholded maps.
+
+    Each heat-map panel and contour panel (yellow) is an :func:`overlay_attention` picture at the
+    images' own resolution; the ground truth is traced over it by matplotlib.
 
     Args:
         images: RGB in ``[0, 1]``, ``(N, 3, H, W)``.
@@ -95,17 +178,10 @@ def plot_attention(
     axes[0, 0].set_ylabel("image", fontsize=9)
 
     for row, (name, m) in zip(range(1, rows, 2), named.items()):
-        m = m.detach().float().cpu()
-        kept = threshold_by_mass(m, mass)
-        # Each map is scaled to its own maximum: maps sum to 1, so their raw values shrink with image size.
-        peak = m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-        shown = (m / peak).numpy()
         for i in range(n):
-            axes[row, i].imshow(rgb[i])
-            axes[row, i].imshow(shown[i], cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+            axes[row, i].imshow(overlay_attention(images[i], m[i], mass=None, cmap=cmap, alpha=alpha))
             ax = axes[row + 1, i]
-            ax.imshow(rgb[i])
-            _contour(ax, kept[i], colors="yellow", linestyles="solid")
+            ax.imshow(overlay_attention(images[i], m[i], mass=mass, alpha=0.0, contour_color=(255, 255, 0)))
             if gt_masks is not None:
                 _contour(ax, gt_masks[i].bool().cpu(), colors="cyan", linestyles="dashed")
         axes[row, 0].set_ylabel(name, fontsize=9)

@@ -14,3 +14,4 @@ from .coco import COCO20kDataModule
 from .synthetic import SyntheticShapes, SyntheticShapesDataModule
 from .multicrop import MultiCropTransform, PILGaussianBlur
 from .imagenet import ImageNetDataModule
+from .image_files import IMAGE_EXTENSIONS, ImageFilesDataModule, ImageFilesDataset, find_images

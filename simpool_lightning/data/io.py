@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
@@ -44,8 +44,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image:
     """Decode ``path`` fully into an 8-bit RGB PIL image.
+
+    ``exif_transpose`` turns the image upright as its EXIF orientation tag says (as a photo viewer
+    shows it); datasets leave it off, since their annotations are in the stored pixel frame.
 
     Raises:
         BadImageError: the file is missing, empty, truncated, or not an image.
@@ -56,7 +59,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             raise BadImageError(f"image file {path!r} is empty (0 bytes)")
         with Image.open(path) as img:
             img.load()  # decodes everything now, so truncation fails here and not in a worker later
-            return _to_rgb(img)
+            return _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except BadImageError:
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:

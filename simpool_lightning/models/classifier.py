@@ -19,7 +19,7 @@ from .lr_scaling import LRScale, check_lr_settings, resolve_lr
 from .optim import create_optimizer
 from .schedules import cosine_schedule
 
-__all__ = ["ImageClassifier", "attention_to_maps"]
+__all__ = ["ImageClassifier", "attention_to_maps", "describe_attention"]
 
 
 def attention_to_maps(attn: Tensor, size: Optional[tuple[int, int]] = None, per_head: bool = False) -> Tensor:
@@ -32,6 +32,18 @@ def attention_to_maps(attn: Tensor, size: Optional[tuple[int, int]] = None, per_
         maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False).clamp_min(0)
         maps = maps / maps.flatten(-2).sum(-1)[..., None, None].clamp_min(1e-12)
     return maps if per_head else maps[:, 0]
+
+
+def describe_attention(backbone: PooledBackbone) -> Optional[str]:
+    """Which attention map ``attention_maps`` shows, in words; ``None`` for a pool without one."""
+    if not backbone.has_attention:
+        return None
+    if backbone.pool is None:
+        heads = backbone.model.blocks[-1].attn.num_heads
+        return f"the last block's [CLS] attention, averaged over its {heads} heads"
+    what = "SimPool's attention" if backbone.pool_name == "simpool" else f"the {backbone.pool_name!r} pool's attention"
+    heads = getattr(backbone.pool, "num_heads", 1)
+    return what if heads == 1 else f"{what}, averaged over its {heads} heads"
 
 
 class _Net(nn.Module):
@@ -90,6 +102,8 @@ class ImageClassifier(pl.LightningModule):
 
     A checkpoint of this model holds every weight, so it records ``pretrained=False`` and
     ``pretrained_path=None``: reloading it never reads (or downloads) the starting weights again.
+    It also keeps :attr:`classes`, the class names of the DataModule it was fitted on (its
+    ``classes``, when it has one per output), which ``predict`` names its classes by.
     """
 
     def __init__(
@@ -163,6 +177,7 @@ class ImageClassifier(pl.LightningModule):
             compute_groups=False,
         )
         self.test_localization = self.val_localization.clone(prefix="test/")
+        self.classes: Optional[list[str]] = None  # set at fit from the DataModule; kept in checkpoints
 
     # ------------------------------------------------------------------ the model
 
@@ -196,6 +211,11 @@ class ImageClassifier(pl.LightningModule):
         _, attn = self.backbone.forward_with_attention(images)
         return attention_to_maps(attn, size, per_head)
 
+    @property
+    def attention_source(self) -> Optional[str]:
+        """Which map :meth:`attention_maps` shows, in words (``None`` for a pool without attention)."""
+        return describe_attention(self.backbone)
+
     # ------------------------------------------------------------------ training
 
     def setup(self, stage: str) -> None:
@@ -205,9 +225,19 @@ class ImageClassifier(pl.LightningModule):
                 f"model.num_classes ({self.hparams.num_classes}) != the data's num_classes ({data_classes}); "
                 "set them equal (configs interpolate ${data.init_args.num_classes})"
             )
+        data_names = getattr(self.trainer.datamodule, "classes", None) if self.trainer.datamodule else None
+        if stage == "fit" and data_names is not None and len(data_names) == self.hparams.num_classes:
+            self.classes = [str(name) for name in data_names]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["hyper_parameters"].update(pretrained=False, pretrained_path=None)
+        if self.classes is not None:
+            checkpoint["classes"] = list(self.classes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The names of the fit's own DataModule, when this is a resumed fit, come first.
+        if self.classes is None and checkpoint.get("classes") is not None:
+            self.classes = [str(name) for name in checkpoint["classes"]]
 
     def on_train_start(self) -> None:
         # A resumed fit gets the scheduler's base rate back from the checkpoint, the rate of the run

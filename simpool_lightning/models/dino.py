@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backbone import TOKEN_POOL, PooledBackbone, PoolPlacement, _create_timm_model
-from .classifier import attention_to_maps
+from .classifier import attention_to_maps, describe_attention
 from .dino_head import DINOHead, DINOLoss, MultiCropNet
 from .lr_scaling import LRScale, check_lr_settings, resolve_lr
 from .optim import fused_supported
@@ -226,6 +226,20 @@ class DINO(pl.LightningModule):
         if not backbone.has_attention:
             raise ValueError(f"pool {self.hparams.pool!r} has no spatial attention to show as a map")
         return attention_to_maps(backbone.forward_with_attention(images)[1], size)
+
+    @property
+    def attention_source(self) -> Optional[str]:
+        """Which map :meth:`attention_maps` shows, in words (``None`` for a pool without attention)."""
+        what = describe_attention(self.teacher.backbone)
+        return None if what is None else f"{what}, of the teacher"
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """``attention``: the teacher's map at the images' size, ``(B, H, W)`` (see :meth:`attention_maps`).
+
+        Raises ``ValueError`` for a pool without spatial attention: DINO predicts no classes.
+        """
+        images = batch["image"]
+        return {"attention": self.attention_maps(images, size=tuple(images.shape[-2:]))}
 
     # ------------------------------------------------------------------ schedules
 

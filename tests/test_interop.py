@@ -302,6 +302,8 @@ DINO_KINDS: dict[str, tuple[str, str, str, Optional[float], dict[str, Any], dict
     "resnet50-official": ("resnet", "resnet50", "official", 2.0, RESNET50_REFERENCE, {}, 64),
     "convnext_small-simpool": ("convnext", "convnext_small", "simpool", 2.0, CONVNEXT_S_SIZES, {}, 64),
     "convnext_small-official": ("convnext", "convnext_small", "official", 2.0, CONVNEXT_S_SIZES, {}, 64),
+    # the released "no gamma" runs (--gamma None): the mean path, and no beta anywhere
+    "convnext_small-simpool-nogamma": ("convnext", "convnext_small", "simpool", None, CONVNEXT_S_SIZES, {}, 64),
 }
 
 

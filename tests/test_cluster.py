@@ -40,7 +40,8 @@ from simpool_lightning.callbacks import PreemptionCheckpoint
 from simpool_lightning.cli import main
 from tests.isolated import ROOT
 from tests.test_reliability import SHORT, quickstart_config
-from tests.test_resume import assert_same_weights, classifier, classifier_data, fit
+from simpool_lightning.models import DINO, ImageClassifier
+from tests.test_resume import MODELS, VIT, assert_same_weights, classifier, classifier_data, dino_data, fit
 from tests.trainers import trainer
 
 SBATCH = ROOT / "scripts" / "slurm" / "simpool.sbatch"
@@ -116,8 +117,24 @@ def checkpointing(root: Path) -> list[pl.Callback]:
     ]
 
 
+def scaled_classifier() -> ImageClassifier:
+    return ImageClassifier(*VIT, pool="simpool", num_classes=4, lr_base=2e-3, lr_base_size=32, lr_base_scale="linear",
+                           warmup_epochs=0, drop_rate=0.3, drop_path_rate=0.2, mixup_alpha=0.2)
+
+
+def scaled_dino() -> DINO:
+    return DINO(backbone=VIT[0], backbone_kwargs=VIT[1], out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16,
+                drop_path_rate=0.2, lr_base=2e-3, lr_base_size=32, lr_base_scale="linear", min_lr=1e-4,
+                warmup_epochs=0.5, momentum_teacher=0.9)
+
+
+SCALED = {"classifier": (scaled_classifier, classifier_data), "dino": (scaled_dino, dino_data)}
+
+
 @pytest.mark.parametrize("kind", ["classifier", pytest.param("dino", marks=pytest.mark.slow)])  # 30 to 40 s each
-def test_requeue_signal_under_slurm_saves_requeues_and_the_rerun_resumes_exactly(kind, slurm_job, tmp_path):
+def test_requeue_signal_under_slurm_saves_requeues_and_the_rerun_resumes_exactly(kind, slurm_job, tmp_path, monkeypatch):
+    # test_resume's models with the rate scaled from a reference batch: the resumed fit resolves it again.
+    monkeypatch.setitem(MODELS, kind, SCALED[kind])
     before = signal.getsignal(signal.SIGUSR1)
     reference, reference_metrics, _ = fit(kind, tmp_path / "uninterrupted", checkpointing(tmp_path / "uninterrupted"))
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is put back after a fit

@@ -6,7 +6,11 @@ in the official recipes), conversion to a normalised tensor, timm's random erasi
 resize the short side to ``floor(image_size / crop_pct)`` (bicubic), center crop, normalise.
 Images go through PIL, as in timm; with the same random state the outputs equal those of
 ``timm.data.create_transform`` bit for bit (``tests/data/test_transforms.py`` checks it against
-timm itself).
+the installed timm; written against timm 1.0.31, ``timm/data/transforms_factory.py``
+``transforms_imagenet_train`` / ``transforms_imagenet_eval``, without the prefetcher). Deliberate
+differences: no colour jitter when ``auto_augment`` is off (timm adds ``ColorJitter(0.4)`` then; no
+recipe here runs without RandAugment), and posterize at 0 bits gives black instead of Pillow 13's
+error (:func:`posterize`).
 
 An image's ``mask`` and ``boxes`` (tv_tensors) take the same crop, resize and flip through
 torchvision's v2 functional ops. RandAugment and random erasing touch the image only.
@@ -123,6 +127,11 @@ class TrainTransform(nn.Module):
     The random draws are timm's, in timm's order: the crop from Python's ``random``
     (``RandomResizedCropAndInterpolation.get_params``, then the interpolation), the flip from
     torch, RandAugment from numpy and Python, random erasing from Python and torch.
+
+    Args:
+        image_size, scale, ratio, hflip, interpolation, mean, std: see :func:`build_train_transform`.
+        rand_augment: applied to the cropped PIL image, or ``None``.
+        random_erasing: applied to the normalised ``(3, S, S)`` tensor, or ``None``.
     """
 
     def __init__(

@@ -316,7 +316,8 @@ class DINO(pl.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         # lr and weight decay are set every step by training_step from the schedules.
         hp = self.hparams
-        lr = self.lr_scaled = resolve_lr(self.trainer, hp.optimizer, hp.lr, hp.lr_base, hp.lr_base_size, hp.lr_base_scale)
+        trainer = self._trainer  # None outside a fit (a unit test): an unscaled rate needs no Trainer
+        lr = self.lr_scaled = resolve_lr(trainer, hp.optimizer, hp.lr, hp.lr_base, hp.lr_base_size, hp.lr_base_scale)
         groups = dino_param_groups(self.student)
         fused = fused_supported(self.student.parameters())
         if hp.optimizer == "adamw":

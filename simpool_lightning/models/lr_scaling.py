@@ -103,7 +103,7 @@ def global_batch_size(trainer: pl.Trainer) -> int:
 
 
 def resolve_lr(
-    trainer: pl.Trainer,
+    trainer: Optional[pl.Trainer],
     optimizer: str,
     lr: Optional[float],
     lr_base: float,
@@ -116,7 +116,8 @@ def resolve_lr(
     ``lr_scaled`` (with ``global_batch_size`` and ``lr_base_scale`` when it was scaled).
 
     Args:
-        trainer: the Trainer of the fit (world size, accumulation, the training loader).
+        trainer: the Trainer of the fit (world size, accumulation, the training loader); None for
+            a module used outside a fit, which then resolves only an unscaled rate.
         optimizer: the optimizer's name, for timm's choice of scale when ``lr_base_scale`` is None.
         lr: an explicit learning rate: it wins, whatever the batch.
         lr_base: the learning rate at the reference batch ``lr_base_size``.
@@ -131,6 +132,11 @@ def resolve_lr(
     elif lr_base_size is None:
         lr = lr_base
         record = {"lr_scaled": lr}
+    elif trainer is None:
+        raise ValueError(
+            f"lr_base_size={lr_base_size} scales the learning rate to the global batch, which only a Trainer knows: "
+            "configure the optimizers within fit, or set lr"
+        )
     else:
         batch = global_batch_size(trainer)
         scale = lr_base_scale or default_lr_scale(optimizer)
@@ -140,6 +146,6 @@ def resolve_lr(
             f"({trainer.world_size} processes, {trainer.accumulate_grad_batches} accumulated steps) with {scale} scaling"
         )
         record = {"lr_scaled": lr, "global_batch_size": batch, "lr_base_scale": scale}
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if trainer is not None else []:
         logger.log_hyperparams(record)
     return lr

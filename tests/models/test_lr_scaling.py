@@ -230,3 +230,10 @@ def test_a_resumed_fit_trains_at_its_own_global_batch(tmp_path):
     total = 3 * 2  # what this run's schedule counts: 3 epochs of 2 steps
     want = model.lr_scaled * cosine_schedule(4, total, 1.0, 1e-5 / model.lr_scaled)
     assert look.lrs == [want, want]
+
+
+def test_outside_a_fit_only_an_unscaled_rate_resolves():
+    assert dino(lr=1e-3).configure_optimizers().param_groups[0]["lr"] == 1e-3
+    assert dino(lr_base=2e-3).configure_optimizers().param_groups[0]["lr"] == 2e-3
+    with pytest.raises(ValueError, match="lr_base_size=256 scales the learning rate to the global batch, which only a Trainer knows"):
+        dino(lr_base_size=256).configure_optimizers()

@@ -84,7 +84,7 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not self._last_checkpoints(trainer):
             raise ValueError("PreemptionCheckpoint saves ModelCheckpoint's last.ckpt: add a ModelCheckpoint with save_last=True")
-        self._requeue_signal, self._requeueing = None, False
+        self._requeue_environment, self._requeue_signal, self._requeueing = None, None, False
         # Lightning's signal connector reads the cluster environment from here too.
         environment = trainer._accelerator_connector.cluster_environment
         if (

@@ -64,7 +64,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--object-placement", default="anywhere", choices=["anywhere", "inside"])
     p.add_argument("--object-scale", type=float, nargs=2, default=[0.2, 0.5])
-    p.add_argument("--distractor-shapes", type=int, default=2, help="shapes that are no class, per image")
+    p.add_argument("--distractor-shapes", type=int, default=1, help="shapes that are no class, per image")
+    p.add_argument("--distractor-scale", type=float, nargs=2, default=[0.3, 0.6], help="their size relative to the object's")
     p.add_argument("--distractors", type=int, default=2, help="thin bars per image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
@@ -105,6 +106,7 @@ def shapes(args: argparse.Namespace) -> SyntheticShapesDataModule:
         object_placement=args.object_placement,
         object_scale=tuple(args.object_scale),
         num_distractor_shapes=args.distractor_shapes,
+        distractor_scale=tuple(args.distractor_scale),
         num_distractors=args.distractors,
     )
 
@@ -159,7 +161,7 @@ def load(pool: str, path: str, args: argparse.Namespace) -> ImageClassifier:
         raise ValueError(f"--checkpoint {pool}={path}: the checkpoint pools with {model.hparams.pool!r}")
     fitted = torch.load(path, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
     ours = shapes(args).hparams
-    keys = ("num_classes", "image_size", "seed", "object_placement", "object_scale", "num_distractor_shapes", "num_distractors")
+    keys = ("num_classes", "image_size", "seed", "object_placement", "object_scale", "num_distractor_shapes", "distractor_scale", "num_distractors")
     differ = {k: (fitted.get(k), ours[k]) for k in keys if k in fitted and tuple(np.atleast_1d(fitted[k])) != tuple(np.atleast_1d(ours[k]))}
     if differ:
         raise ValueError(f"--checkpoint {pool}={path} was fitted on other data (checkpoint, benchmark): {differ}")

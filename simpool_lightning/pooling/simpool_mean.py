@@ -139,9 +139,10 @@ class _SimPoolMean(torch.autograd.Function):
             centered = torch.bmm(attn, xhat)  # (B, h, d): sum_j a_hj r_j (x_j - mu_j)
         else:  # maps: from X itself, their squares having taken the centered buffer
             c = attn * r.unsqueeze(1)
-            # mu and delta subtracted apart: their float32 sum would round delta away
-            shift = (c * mu.unsqueeze(1)).sum(-1, keepdim=True) + (c * delta.unsqueeze(1)).sum(-1, keepdim=True)
-            centered = torch.bmm(c, x) - shift
+            # mu and delta subtracted one after the other: sum_j c_hj mu_j + sum_j c_hj delta_j
+            # would round the second away
+            centered = torch.bmm(c, x) - (c * mu.unsqueeze(1)).sum(-1, keepdim=True)
+            centered = centered - (c * delta.unsqueeze(1)).sum(-1, keepdim=True)
         pooled = own_channels(centered) * ln_weight + ln_bias  # (B, d)
         ctx.save_for_backward(x, ln_weight, ln_bias, wq, wk, q, qh, u, mu, r, logits, attn, centered)
         ctx.num_heads, ctx.scale, ctx.has_bq = num_heads, scale, bq is not None

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from ..metrics.localization import BOX_PROTOCOLS, CorLoc, MaskIoU, MaxBoxAccV2, resize_scoremaps
+from ..metrics.localization import CorLoc, MaskIoU
+from ..metrics.maxboxacc import BOX_PROTOCOLS, MaxBoxAccV2, resize_scoremaps
 from ..models.backbone import PooledBackbone
 from ..models.classifier import attention_to_maps
 from .frozen import FrozenEvaluator, load_feature_model

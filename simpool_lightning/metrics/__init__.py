@@ -12,14 +12,13 @@ from .knn import KNNAccuracy, gather_features, knn_classify, knn_topk_correct
 from .localization import (
     CorLoc,
     MaskIoU,
-    MaxBoxAccV2,
     box_iou,
     largest_component_box,
     resize_attention,
-    resize_scoremaps,
     threshold_by_mass,
     threshold_by_value,
 )
+from .maxboxacc import MaxBoxAccV2, resize_scoremaps
 from .retrieval import PROTOCOLS, average_precision, compute_map, revisited_map
 
 __all__ = [

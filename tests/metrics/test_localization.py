@@ -18,7 +18,8 @@ from simpool_lightning.metrics import (
     threshold_by_mass,
     threshold_by_value,
 )
-from simpool_lightning.metrics.localization import _label, resize_scoremaps
+from simpool_lightning.metrics.localization import _label
+from simpool_lightning.metrics.maxboxacc import resize_scoremaps
 from tests.reference import wsolevaluation
 
 

@@ -23,7 +23,7 @@ from tests.reference import lost as lost_reference
 ROOT = Path(__file__).resolve().parents[1]
 DOWNSTREAM = ROOT / "configs" / "downstream"
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-# The quickstart's model with one block, as quickstart_checkpoint() trains it.
+# The quickstart's model with one block at 32 px and patch 4, as quickstart_checkpoint() trains it.
 QUICKSTART_VIT = "{img_size: 32, patch_size: 4, embed_dim: 96, depth: 1, num_heads: 3, mlp_ratio: 2.0}"
 
 
@@ -45,6 +45,9 @@ def quickstart_checkpoint(tmp_path: Path) -> Path:
         "--data.init_args.train_size=64",
         "--data.init_args.val_size=32",
         "--data.init_args.batch_size=16",
+        "--data.init_args.image_size=32",
+        "--model.init_args.backbone_kwargs.img_size=32",  # the config interpolates it when the file is read
+        "--model.init_args.backbone_kwargs.patch_size=4",
         "--model.init_args.backbone_kwargs.depth=1",
     ])
     path = checkpoints / "last.ckpt"

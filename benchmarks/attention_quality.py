@@ -21,7 +21,8 @@ scratch stays at chance for a few hundred steps, so much shorter runs say nothin
     python benchmarks/attention_quality.py --pools               # the no-image rows alone
 
 Prints one row per map: validation top-1 accuracy, mask IoU, CorLoc, the share of the map's mass on
-the object, how often the map's peak is on the object, and the training time as wall time and as
+the object and within one patch around it (off the object: where a map on the object's edge sits),
+how often the map's peak is on the object, and the training time as wall time and as
 CPU time of this process (all its threads): on a shared machine the CPU time is the fairer
 comparison. A second table gives mask IoU at other kept masses (how much the result depends on the
 threshold). ``--save-maps FILE`` writes the first validation images, their masks and every row's maps
@@ -154,6 +155,12 @@ def train(pool: str, args: argparse.Namespace) -> tuple[ImageClassifier, float, 
     return model, seconds, cpu_seconds
 
 
+def simpool_name(args: argparse.Namespace) -> str:
+    """The SimPool row's name, with the settings that differ from the quickstart's (no gamma, one head)."""
+    settings = ([] if args.gamma is None else [f"gamma {args.gamma:g}"]) + ([] if args.simpool_heads == 1 else [f"{args.simpool_heads} heads"])
+    return "simpool" + (f" ({', '.join(settings)})" if settings else "")
+
+
 def load(pool: str, path: str, args: argparse.Namespace) -> ImageClassifier:
     """A trained checkpoint of ``pool``, checked against the benchmark's data settings."""
     model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=False)
@@ -224,7 +231,7 @@ def evaluate(name: str, map_fn: MapFn, args: argparse.Namespace, saved: Optional
     ious = {m: MaskIoU(mass=m) for m in sorted({args.mass, *SWEEP_MASSES})}
     corloc = CorLoc(mass=args.mass)
     correct = seen = 0
-    on_object = peak_on_object = 0.0
+    on_object = beside_object = peak_on_object = 0.0
     for batch in data.val_dataloader():
         logits, maps = map_fn(batch["image"], batch["label"])
         masks = batch["mask"]
@@ -235,6 +242,8 @@ def evaluate(name: str, map_fn: MapFn, args: argparse.Namespace, saved: Optional
         corloc.update(maps, batch["boxes"])
         flat = maps.flatten(1)
         on_object += float((flat * masks.flatten(1)).sum())
+        near = F.max_pool2d(masks[:, None].float(), 2 * args.patch_size + 1, stride=1, padding=args.patch_size)[:, 0]
+        beside_object += float((flat * (near.flatten(1) - masks.flatten(1).float())).sum())
         peak_on_object += float(masks.flatten(1).gather(1, flat.argmax(1, keepdim=True)).sum())
         if saved is not None and len(saved.setdefault(f"maps/{name}", np.zeros((0,) + maps.shape[1:], np.float32))) < args.num_saved:
             take = args.num_saved - len(saved[f"maps/{name}"])
@@ -246,6 +255,7 @@ def evaluate(name: str, map_fn: MapFn, args: argparse.Namespace, saved: Optional
         mask_iou=float(ious[args.mass].compute()),
         corloc=float(corloc.compute()),
         on_object=on_object / seen,
+        beside_object=beside_object / seen,
         peak_on_object=peak_on_object / seen,
         sweep={m: float(ious[m].compute()) for m in SWEEP_MASSES},
         seconds=None,
@@ -269,13 +279,13 @@ def table(rows: list[dict[str, Any]], mass: float) -> str:
         return "-" if value is None else format(value, fmt)
 
     lines = [
-        f"| map | val acc | mask IoU ({mass:.0%} mass) | CorLoc ({mass:.0%} mass) | mass on object | peak on object "
-        "| train wall time (s) | train CPU time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| map | val acc | mask IoU ({mass:.0%} mass) | CorLoc ({mass:.0%} mass) | mass on object | mass beside it "
+        "| peak on object | train wall time (s) | train CPU time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['pool']} | {cell(r['acc'])} | {cell(r['mask_iou'])} | {cell(r['corloc'])} | {cell(r['on_object'])} "
+            f"| {r['pool']} | {cell(r['acc'])} | {cell(r['mask_iou'])} | {cell(r['corloc'])} | {cell(r['on_object'])} | {cell(r['beside_object'])} "
             f"| {cell(r['peak_on_object'])} | {cell(r['seconds'], '.0f')} | {cell(r['cpu_seconds'], '.0f')} |"
         )
     lines += ["", "| map | " + " | ".join(f"IoU at {m:.0%}" for m in SWEEP_MASSES) + " |", "|---" * (len(SWEEP_MASSES) + 1) + "|"]
@@ -304,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             model, seconds, cpu_seconds = load(pool, checkpoints[pool], args), None, None
         else:
             model, seconds, cpu_seconds = train(pool, args)
-        name = {"token": "token ([CLS] attention)", "avg": "avg (GAP-CAM)", "simpool": "simpool"}.get(pool, pool)
+        name = {"token": "token ([CLS] attention)", "avg": "avg (GAP-CAM)", "simpool": simpool_name(args)}.get(pool, pool)
         rows.append(dict(evaluate(name, model_maps(model), args, saved), seconds=seconds, cpu_seconds=cpu_seconds))
         done = f"loaded from {checkpoints[pool]}" if pool in checkpoints else f"trained in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)"
         print(f"# {pool}: {done}", flush=True)

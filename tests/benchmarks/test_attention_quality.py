@@ -1,0 +1,64 @@
+"""benchmarks/attention_quality.py: the columns that say where a map sits, on maps whose answer is known."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import attention_quality as aq  # noqa: E402  (a script beside the others, not a package)
+
+SMALL = ["--val-size", "48", "--batch-size", "16", "--image-size", "48", "--patch-size", "6"]
+
+
+def _masks(args) -> np.ndarray:
+    data = aq.shapes(args)
+    data.setup("validate")
+    return np.concatenate([b["mask"].numpy() for b in data.val_dataloader()])
+
+
+def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
+    """Every pixel within ``reach`` pixels of the mask along both axes (a square neighbourhood), by shifts."""
+    padded = np.pad(mask, reach)
+    out = np.zeros_like(mask)
+    for dy in range(2 * reach + 1):
+        for dx in range(2 * reach + 1):
+            out |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return out
+
+
+def test_a_uniform_map_puts_the_area_fractions_on_and_beside_the_object() -> None:
+    args = aq.parse_args(SMALL)
+    row = aq.evaluate("uniform", aq.prior_maps(torch.ones(48, 48)), args)
+    masks = _masks(args)
+    on = masks.mean(axis=(1, 2))
+    beside = np.array([(_dilate(m, 6) & ~m).mean() for m in masks])
+    assert row["on_object"] == pytest.approx(on.mean(), rel=1e-5)
+    assert row["beside_object"] == pytest.approx(beside.mean(), rel=1e-5)
+    assert 0 < row["beside_object"] < 1 - row["on_object"]
+
+
+def test_a_map_on_the_object_alone_has_nothing_beside_it_and_its_peak_on_it() -> None:
+    args = aq.parse_args(SMALL)
+
+    def on_object(images: torch.Tensor, labels: torch.Tensor):
+        mask = next(batches)["mask"].float()  # the same batches, in the same order, as evaluate reads
+        return None, mask / mask.sum((1, 2), keepdim=True)
+
+    data = aq.shapes(args)
+    data.setup("validate")
+    batches = iter(data.val_dataloader())
+    row = aq.evaluate("mask", on_object, args)
+    assert row["on_object"] == pytest.approx(1.0, rel=1e-6)
+    assert row["beside_object"] == 0.0
+    assert row["peak_on_object"] == 1.0
+    assert row["mask_iou"] > 0.5  # 60% of the mass of a flat map on the mask is most of the mask
+
+
+def test_the_simpool_row_is_named_by_the_settings_that_differ_from_the_quickstarts() -> None:
+    assert aq.simpool_name(aq.parse_args([])) == "simpool"
+    assert aq.simpool_name(aq.parse_args(["--gamma", "1.25"])) == "simpool (gamma 1.25)"
+    assert aq.simpool_name(aq.parse_args(["--gamma", "2", "--simpool-heads", "3"])) == "simpool (gamma 2, 3 heads)"

@@ -28,7 +28,7 @@ ROWS = {"token": "[CLS]", "simpool": "SimPool", "avg": "GAP-CAM", "centred": "ce
 DEFAULT_ROWS = ("token", "simpool", "avg")
 FAST = [
     "--epochs", "1", "--train-size", "64", "--val-size", "32", "--batch-size", "32", "--image-size", "32",
-    "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--num-saved", "4",
+    "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--simpool-heads", "2", "--num-saved", "4",
 ]
 
 

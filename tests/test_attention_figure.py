@@ -20,7 +20,7 @@ def test_figure_script_in_fast_mode_writes_a_png_of_the_expected_layout(tmp_path
         capture_output=True, text=True, timeout=900, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| simpool |" in result.stdout and "| avg (GAP-CAM) |" in result.stdout  # the benchmark's table
+    assert "| simpool (2 heads) |" in result.stdout and "| avg (GAP-CAM) |" in result.stdout  # the benchmark's table
     image = np.asarray(Image.open(out).convert("RGB"))
     height, width, _ = image.shape
     # 4 image columns; rows: the image, then heat map and contour for [CLS], SimPool and GAP-CAM.

@@ -79,7 +79,7 @@ def test_finetune_cifar10_starts_from_the_quickstart_checkpoint(tmp_path: Path) 
         "--data.init_args.batch_size=4",
         "--model.init_args.backbone=vit_tiny_patch16_224",
         f"--model.init_args.backbone_kwargs={QUICKSTART_VIT}",
-        "--model.init_args.pool_kwargs=null",  # the quickstart's SimPool has no gamma
+        "--model.init_args.pool_kwargs={num_heads: 3}",  # the quickstart's SimPool: three heads, no gamma
         f"--model.init_args.pretrained_path={ckpt}",
         "--trainer.max_steps=2",
         "--trainer.limit_val_batches=1",

@@ -58,7 +58,7 @@ def test_a_map_on_the_object_alone_has_nothing_beside_it_and_its_peak_on_it() ->
     assert row["mask_iou"] > 0.5  # 60% of the mass of a flat map on the mask is most of the mask
 
 
-def test_the_simpool_row_is_named_by_the_settings_that_differ_from_the_quickstarts() -> None:
-    assert aq.simpool_name(aq.parse_args([])) == "simpool"
-    assert aq.simpool_name(aq.parse_args(["--gamma", "1.25"])) == "simpool (gamma 1.25)"
-    assert aq.simpool_name(aq.parse_args(["--gamma", "2", "--simpool-heads", "3"])) == "simpool (gamma 2, 3 heads)"
+def test_the_simpool_row_is_named_by_its_heads_and_gamma() -> None:
+    assert aq.simpool_name(aq.parse_args([])) == "simpool (3 heads)"  # the quickstart's
+    assert aq.simpool_name(aq.parse_args(["--simpool-heads", "1"])) == "simpool (1 head)"
+    assert aq.simpool_name(aq.parse_args(["--gamma", "1.25", "--simpool-heads", "1"])) == "simpool (gamma 1.25, 1 head)"

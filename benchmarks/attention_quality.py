@@ -85,6 +85,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--simpool-heads", type=int, default=3, help="SimPool's num_heads (the quickstart's: 3, the ViT's heads; the official ViT's: 1)")
     p.add_argument("--mass", type=float, default=0.6, help="map mass kept for mask IoU and CorLoc")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--every-epoch", action="store_true", help="validate after every epoch and print the curve (the training time then includes it)")
     p.add_argument(
         "--checkpoint", action="append", default=[], metavar="POOL=PATH",
         help="evaluate this trained ImageClassifier checkpoint (e.g. the quickstart's last.ckpt) instead of training POOL",
@@ -111,6 +112,20 @@ def shapes(args: argparse.Namespace) -> SyntheticShapesDataModule:
         distractor_scale=tuple(args.distractor_scale),
         num_distractors=args.distractors,
     )
+
+
+class EpochCurve(pl.Callback):
+    """Prints the model's own validation metrics after every epoch (``--every-epoch``): how accuracy and
+    the map's localization move while one run trains. They are the ``val/`` metrics the quickstart logs,
+    on the same split and thresholding as this benchmark's table."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        logged = trainer.callback_metrics
+        values = ", ".join(f"{name} {float(logged[f'val/{name}']):.3f}" for name in ("acc1", "mask_iou", "corloc") if f"val/{name}" in logged)
+        print(f"# {self.pool} epoch {trainer.current_epoch + 1}: {values}", flush=True)
 
 
 def train(pool: str, args: argparse.Namespace) -> tuple[ImageClassifier, float, float]:
@@ -141,7 +156,10 @@ def train(pool: str, args: argparse.Namespace) -> tuple[ImageClassifier, float, 
         accelerator="cpu",
         devices=1,
         max_epochs=args.epochs,
-        limit_val_batches=0,  # validated once, after training, so that the wall time is training alone
+        # By default validated once, after training, so that the wall time is training alone.
+        limit_val_batches=None if args.every_epoch else 0,
+        num_sanity_val_steps=0,
+        callbacks=[EpochCurve(pool)] if args.every_epoch else None,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

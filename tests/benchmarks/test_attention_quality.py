@@ -62,3 +62,21 @@ def test_the_simpool_row_is_named_by_its_heads_and_gamma() -> None:
     assert aq.simpool_name(aq.parse_args([])) == "simpool (3 heads)"  # the quickstart's
     assert aq.simpool_name(aq.parse_args(["--simpool-heads", "1"])) == "simpool (1 head)"
     assert aq.simpool_name(aq.parse_args(["--gamma", "1.25", "--simpool-heads", "1"])) == "simpool (gamma 1.25, 1 head)"
+
+
+def test_the_per_epoch_curve_reports_the_tables_metrics(capsys: pytest.CaptureFixture[str]) -> None:
+    tiny = [
+        "--pools", "simpool", "--epochs", "1", "--train-size", "64", "--val-size", "32", "--batch-size", "32",
+        "--image-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+        "--simpool-heads", "2", "--every-epoch",
+    ]
+    row = aq.main(tiny)[0]
+    curve = [line for line in capsys.readouterr().out.splitlines() if line.startswith("# simpool epoch 1:")]
+    assert len(curve) == 1, curve
+    logged = dict(item.split() for item in curve[0].split(": ", 1)[1].split(", "))
+    # The model's own validation metrics are the table's, on the same maps; printed to 3 decimals,
+    # so they agree to half the last digit (plus the float error of that difference).
+    half_digit = 0.5e-3 + 1e-9
+    assert float(logged["acc1"]) == pytest.approx(row["acc"], abs=half_digit)
+    assert float(logged["mask_iou"]) == pytest.approx(row["mask_iou"], abs=half_digit)
+    assert float(logged["corloc"]) == pytest.approx(row["corloc"], abs=half_digit)

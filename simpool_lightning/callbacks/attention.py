@@ -159,7 +159,7 @@ def plot_attention(
     rgb = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     rows = 1 + 2 * len(named)
     # Fixed margins for the row labels and column titles: a layout engine triples the drawing time.
-    left, top, gap = 0.25, 0.25 if titles is not None else 0.05, 0.05  # inches
+    left, top, gap = 0.4, 0.25 if titles is not None else 0.05, 0.05  # inches: two lines of row label
     width, height = left + n * (panel_inches + gap), top + rows * (panel_inches + gap)
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -185,7 +185,7 @@ def plot_attention(
             if gt_masks is not None:
                 _contour(ax, gt_masks[i].bool().cpu(), colors="cyan", linestyles="dashed")
         axes[row, 0].set_ylabel(name, fontsize=9)
-        axes[row + 1, 0].set_ylabel(f"{name}, {mass:.0%} mass", fontsize=9)
+        axes[row + 1, 0].set_ylabel(f"{name}\n{mass:.0%} mass", fontsize=9)  # two lines: fits a short panel
     return fig
 
 

@@ -174,10 +174,14 @@ def train(pool: str, args: argparse.Namespace) -> tuple[ImageClassifier, float, 
     return model, seconds, cpu_seconds
 
 
-def simpool_name(args: argparse.Namespace) -> str:
-    """The SimPool row's name with its heads and gamma: ``simpool (3 heads)``, ``simpool (gamma 1.25, 1 head)``."""
-    heads = f"{args.simpool_heads} head" + ("s" if args.simpool_heads > 1 else "")
-    return f"simpool ({'' if args.gamma is None else f'gamma {args.gamma:g}, '}{heads})"
+def row_name(model: ImageClassifier) -> str:
+    """The row of a trained or loaded model; SimPool's with its heads and gamma, read from the model
+    (a loaded checkpoint's, not the flags): ``simpool (3 heads)``, ``simpool (gamma 1.25, 1 head)``."""
+    pool = model.backbone.pool_name
+    if pool != "simpool":
+        return {"token": "token ([CLS] attention)", "avg": "avg (GAP-CAM)"}.get(pool, pool)
+    heads, gamma = model.backbone.pool.num_heads, model.backbone.pool.gamma
+    return f"simpool ({'' if gamma is None else f'gamma {gamma:g}, '}{heads} head{'s' if heads > 1 else ''})"
 
 
 def load(pool: str, path: str, args: argparse.Namespace) -> ImageClassifier:
@@ -333,8 +337,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             model, seconds, cpu_seconds = load(pool, checkpoints[pool], args), None, None
         else:
             model, seconds, cpu_seconds = train(pool, args)
-        name = {"token": "token ([CLS] attention)", "avg": "avg (GAP-CAM)", "simpool": simpool_name(args)}.get(pool, pool)
-        rows.append(dict(evaluate(name, model_maps(model), args, saved), seconds=seconds, cpu_seconds=cpu_seconds))
+        rows.append(dict(evaluate(row_name(model), model_maps(model), args, saved), seconds=seconds, cpu_seconds=cpu_seconds))
         done = f"loaded from {checkpoints[pool]}" if pool in checkpoints else f"trained in {seconds:.0f} s ({cpu_seconds:.0f} CPU s)"
         print(f"# {pool}: {done}", flush=True)
     rows += prior_rows(args, saved)

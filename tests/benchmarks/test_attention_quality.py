@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from simpool_lightning.models import ImageClassifier
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import attention_quality as aq  # noqa: E402  (a script beside the others, not a package)
 
@@ -58,10 +60,16 @@ def test_a_map_on_the_object_alone_has_nothing_beside_it_and_its_peak_on_it() ->
     assert row["mask_iou"] > 0.5  # 60% of the mass of a flat map on the mask is most of the mask
 
 
-def test_the_simpool_row_is_named_by_its_heads_and_gamma() -> None:
-    assert aq.simpool_name(aq.parse_args([])) == "simpool (3 heads)"  # the quickstart's
-    assert aq.simpool_name(aq.parse_args(["--simpool-heads", "1"])) == "simpool (1 head)"
-    assert aq.simpool_name(aq.parse_args(["--gamma", "1.25", "--simpool-heads", "1"])) == "simpool (gamma 1.25, 1 head)"
+def test_rows_are_named_from_the_model_simpool_by_its_heads_and_gamma() -> None:
+    def model(pool: str, **pool_kwargs) -> ImageClassifier:
+        vit = dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3)
+        return ImageClassifier("vit_tiny_patch16_224", vit, pool=pool, pool_kwargs=pool_kwargs or None, num_classes=4)
+
+    assert aq.row_name(model("simpool", num_heads=3)) == "simpool (3 heads)"
+    assert aq.row_name(model("simpool")) == "simpool (1 head)"
+    assert aq.row_name(model("simpool", gamma=1.25)) == "simpool (gamma 1.25, 1 head)"
+    assert aq.row_name(model("token")) == "token ([CLS] attention)"
+    assert aq.row_name(model("avg")) == "avg (GAP-CAM)"
 
 
 def test_the_per_epoch_curve_reports_the_tables_metrics(capsys: pytest.CaptureFixture[str]) -> None:

@@ -208,55 +208,55 @@ class MaxBoxAccV2(Metric):
         if attn.isinf().any():
             raise ValueError("attn must not hold infinite values: min-max normalisation needs a finite range")
         if self.protocol == "wsolevaluation":
-            hits, total = self._update_wsolevaluation(attn, gt)
+            cams, best_iou = self._prepare_wsolevaluation(attn, gt), self._best_iou_wsolevaluation
         else:
-            hits, total = self._update_components(attn, gt)
-        self.hits += hits.to(self.hits.device)
-        self.total += total
-
-    def _update_wsolevaluation(self, attn: Tensor, gt: list[Tensor]) -> tuple[Tensor, int]:
-        for i, b in enumerate(gt):
-            if (b < 0).any() or (b[:, 2:] < b[:, :2]).any():
-                raise ValueError(
-                    f"boxes[{i}] must be xyxy with non-negative coordinates and x1 <= x2, y1 <= y2 "
-                    f"(wsolevaluation's convention check), got {b.tolist()}"
-                )
-        cams = attn.detach().double().cpu().numpy()
-        grid = self.cam_thresholds.numpy()
-        deltas = np.array(self.iou_thresholds)[:, None]
+            cams, best_iou = self._prepare_components(attn), self._best_iou_components
         hits = np.zeros(tuple(self.hits.shape), dtype=np.int64)
         total = 0
         for cam, gt_boxes in zip(cams, gt):
             if gt_boxes.shape[0] == 0:
                 continue
             total += 1
-            # int() truncation, as wsolevaluation's resize_bbox returns the boxes.
-            best = _wsol_best_iou(cam, gt_boxes.double().numpy().astype(np.int64), grid)
-            hits += best[None] >= deltas
-        return torch.from_numpy(hits), total
+            best = best_iou(cam, gt_boxes)
+            # The IoU thresholds in the best IoU's own precision, so that an IoU equal to one counts.
+            hits += best[None] >= np.array(self.iou_thresholds, dtype=best.dtype)[:, None]
+        self.hits += torch.from_numpy(hits).to(self.hits.device)
+        self.total += total
 
-    def _update_components(self, attn: Tensor, gt: list[Tensor]) -> tuple[Tensor, int]:
+    @staticmethod
+    def _prepare_wsolevaluation(attn: Tensor, gt: list[Tensor]) -> np.ndarray:
+        """The raw maps in float64 (wsolevaluation normalises each inside its own box search)."""
+        for i, b in enumerate(gt):
+            if (b < 0).any() or (b[:, 2:] < b[:, :2]).any():
+                raise ValueError(
+                    f"boxes[{i}] must be xyxy with non-negative coordinates and x1 <= x2, y1 <= y2 "
+                    f"(wsolevaluation's convention check), got {b.tolist()}"
+                )
+        return attn.detach().double().cpu().numpy()
+
+    def _best_iou_wsolevaluation(self, cam: np.ndarray, gt_boxes: Tensor) -> np.ndarray:
+        """``(T,)`` best IoU per CAM threshold; int() truncation of the boxes, as wsolevaluation's
+        resize_bbox returns them."""
+        return _wsol_best_iou(cam, gt_boxes.double().numpy().astype(np.int64), self.cam_thresholds.numpy())
+
+    @staticmethod
+    def _prepare_components(attn: Tensor) -> np.ndarray:
+        """The maps min-max normalised per image in float64 (a constant map becomes all zeros)."""
         flat = attn.detach().flatten(1).double()
         low = flat.amin(1, keepdim=True)
         span = flat.amax(1, keepdim=True) - low
         norm = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
-        norm = norm.view(attn.shape).cpu().numpy()
+        return norm.view(attn.shape).cpu().numpy()
+
+    def _best_iou_components(self, cam: np.ndarray, gt_boxes: Tensor) -> np.ndarray:
+        """``(T,)`` best IoU per CAM threshold over the connected components' boxes; -1 where a
+        threshold leaves no component."""
         cams = self.cam_thresholds.numpy()[:, None, None]
-        deltas = torch.tensor(self.iou_thresholds)[:, None]
-        hits = torch.zeros(tuple(self.hits.shape), dtype=torch.long)
-        total = 0
-        for cam, gt_boxes in zip(norm, gt):
-            if gt_boxes.shape[0] == 0:
-                continue
-            total += 1
-            _, index, pred = _label(cam[None] > cams, self.connectivity)
-            if len(index) == 0:
-                continue
-            # Best IoU per CAM threshold; -1 where a threshold leaves no component.
-            iou = box_iou(pred, gt_boxes).amax(1)
-            best = torch.full((len(cams),), -1.0).scatter_reduce(0, index, iou, "amax")
-            hits += (best[None] >= deltas).long()
-        return hits, total
+        _, index, pred = _label(cam[None] > cams, self.connectivity)
+        if len(index) == 0:
+            return np.full(len(cams), -1.0, dtype=np.float32)
+        iou = box_iou(pred, gt_boxes).amax(1)
+        return torch.full((len(cams),), -1.0).scatter_reduce(0, index, iou, "amax").numpy()
 
     def compute(self) -> dict[str, Tensor]:
         """Scores in ``[0, 1]`` (float32 scalars).
